@@ -1,0 +1,155 @@
+"""What every method shares: the result type, the registry, and the per-call context that lets
+several methods asked together reuse one forward (and one backward) pass."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..hooks import capture
+from ..models import ModelBundle
+
+
+@dataclass
+class Explanation:
+    """Saliency maps of one method for a batch.
+
+    maps: B×H×W in [0,1]. extras: per-image tensors of length B (always `constant`, True where
+    the raw map was constant and became zeros; method-specific diagnostics besides). seconds:
+    wall time of the method on this batch, including its share of passes it reused.
+    """
+
+    method: str
+    maps: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    seconds: float = 0.0
+    options: dict = field(default_factory=dict)
+
+    def to(self, device) -> "Explanation":
+        self.maps = self.maps.to(device)
+        self.extras = {k: v.to(device) for k, v in self.extras.items()}
+        return self
+
+
+MethodFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+REGISTRY: dict[str, MethodFn] = {}
+
+
+def register(key: str):
+    def wrap(fn: MethodFn) -> MethodFn:
+        REGISTRY[key] = fn
+        return fn
+
+    return wrap
+
+
+def method_options(key: str) -> dict[str, object]:
+    """The options a method accepts, with their defaults."""
+    sig = inspect.signature(REGISTRY[key])
+    return {n: p.default for n, p in list(sig.parameters.items())[1:] if p.kind == p.KEYWORD_ONLY}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Context:
+    """One batch of one `explain` call. Computes the shared passes lazily, each at most once.
+
+    - `logits()`: clean logits, B×classes.
+    - `features()`: feature maps A at the target layer, B×K×h×w, detached.
+    - `gradients()`: (A, ∂y_c/∂A) from one forward and one backward (A is also served to
+      `features()`).
+    Each pass's time is charged to every method that uses it (`charge`).
+    """
+
+    def __init__(self, bundle: ModelBundle, images: torch.Tensor, targets: torch.Tensor):
+        self.bundle = bundle
+        self.model = bundle.model
+        self.images = images
+        self.targets = targets
+        self.size = tuple(images.shape[-2:])
+        self.device = images.device
+        self._cache: dict[str, object] = {}
+        self._cost: dict[str, float] = {}
+        self.used: set[str] = set()
+
+    def _get(self, key: str, compute: Callable[[], object]):
+        if key not in self._cache:
+            _sync(self.device)
+            t0 = time.perf_counter()
+            self._cache[key] = compute()
+            _sync(self.device)
+            self._cost[key] = time.perf_counter() - t0
+        self.used.add(key)
+        return self._cache[key]
+
+    def shared_seconds(self) -> float:
+        return sum(self._cost[k] for k in self.used)
+
+    # -- the passes ----------------------------------------------------------------------
+
+    def _forward_features(self):
+        with torch.no_grad(), capture(self.bundle.target) as cap:
+            logits = self.model(self.images)
+        return logits, self.bundle.features(cap.output)
+
+    def logits(self) -> torch.Tensor:
+        if "gradients" in self._cache:
+            return self._get("gradients", self._backward)[2]
+        return self._get("forward", self._forward_features)[0]
+
+    def features(self) -> torch.Tensor:
+        if "gradients" in self._cache:
+            return self._get("gradients", self._backward)[0]
+        return self._get("forward", self._forward_features)[1]
+
+    def raw_features(self) -> torch.Tensor:
+        """The target layer's output before any token reshape (Ablation-CAM ablates it)."""
+        def run():
+            with torch.no_grad(), capture(self.bundle.target) as cap:
+                self.model(self.images)
+            return cap.output
+        if self.bundle.reshape is None:
+            return self.features()
+        return self._get("raw", run)
+
+    def _backward(self):
+        with torch.enable_grad(), capture(self.bundle.target, as_leaf=True) as cap:
+            logits = self.model(self.images)
+            score = logits.gather(1, self.targets[:, None]).sum()
+            (grad,) = torch.autograd.grad(score, cap.output)
+        feats = self.bundle.features(cap.output.detach())
+        return feats, self.bundle.features(grad), logits.detach()
+
+    def gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, grads, _ = self._get("gradients", self._backward)
+        return feats, grads
+
+    def chunk(self, default_cpu: int, default_gpu: int, requested: int | None) -> int:
+        if requested is not None:
+            if requested < 1:
+                raise ValueError(f"batch_size must be >= 1, got {requested}")
+            return int(requested)
+        return default_gpu if self.device.type == "cuda" else default_cpu
+
+
+def run_method(key: str, ctx: Context, options: dict) -> Explanation:
+    fn = REGISTRY[key]
+    ctx.used = set()
+    _sync(ctx.device)
+    t0 = time.perf_counter()
+    cached_before = dict(ctx._cost)
+    maps, extras = fn(ctx, **options)
+    _sync(ctx.device)
+    elapsed = time.perf_counter() - t0
+    # Passes computed inside this call are already in `elapsed`; passes reused from an earlier
+    # method are charged here too, so each method's seconds read as if it ran alone.
+    reused = sum(cost for k, cost in ctx._cost.items() if k in ctx.used and k in cached_before)
+    return Explanation(method=key, maps=maps.detach(), extras=extras, seconds=elapsed + reused,
+                       options=dict(options))

@@ -1,0 +1,15 @@
+"""Fake-CAM: the paper's sanity baseline, a map that keeps the whole image."""
+
+from __future__ import annotations
+
+import torch
+
+from ..maps import fake_cam
+from .base import Context, register
+
+
+@register("fakecam")
+def fakecam(ctx: Context):
+    """All ones except the top-left pixel: o ≈ p, so AD ≈ 0 by construction, not by insight."""
+    B = ctx.images.shape[0]
+    return fake_cam(B, ctx.size, device=ctx.device), {"constant": torch.zeros(B, dtype=torch.bool, device=ctx.device)}

@@ -1,0 +1,94 @@
+"""Score-CAM and Ablation-CAM: channel weights from forward passes of perturbed inputs or features.
+
+Both flatten the batch into (image, channel) pairs and run them in chunks, so images share
+forwards and no Python loop runs per image. Pairs whose result is known without a forward are
+skipped exactly: a constant channel gives Score-CAM an all-zero mask (the black image, one
+forward for the whole batch), and ablating an all-zero channel changes nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..hooks import replace_output
+from ..maps import constant_maps, normalize, upsample
+from .base import Context, register
+from .gradient import _done, _weighted
+
+#: Bytes of ablated feature copies per tail chunk when no batch_size is given.
+TAIL_CHUNK_BYTES = 256 * 2**20
+
+
+def _pick(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return logits.gather(1, targets[:, None])[:, 0]
+
+
+@register("scorecam")
+def scorecam(ctx: Context, *, batch_size: int | None = None, align_corners: bool = False):
+    """Score-CAM: u_k = f(x ⊙ n(up(A_k)))_c, w = softmax_k(u), S = relu(Σ_k w_k A_k).
+
+    The paper's baseline term −f(x_b)_c is the same for every channel of an image, and softmax
+    ignores such shifts, so it is not computed. batch_size: masked images per forward (default
+    32 on the CPU, 128 on a GPU). align_corners: the masks' upsampling (pytorch-grad-cam uses True).
+    """
+    feats = ctx.features()
+    B, K = feats.shape[:2]
+    chunk = ctx.chunk(32, 128, batch_size)
+    scores = torch.empty(B, K, device=feats.device, dtype=ctx.images.dtype)
+    flat = constant_maps(feats)
+    with torch.no_grad():
+        if flat.any():
+            black = ctx.model(torch.zeros_like(ctx.images[:1]))[0]
+            scores[flat] = black[ctx.targets].unsqueeze(1).expand(B, K)[flat]
+        pairs = (~flat).nonzero()
+        for start in range(0, len(pairs), chunk):
+            b, k = pairs[start:start + chunk].unbind(1)
+            masks = normalize(upsample(feats[b, k], ctx.size, align_corners=align_corners))
+            scores[b, k] = _pick(ctx.model(ctx.images[b] * masks[:, None]), ctx.targets[b])
+    return _done(ctx, _weighted(torch.softmax(scores, dim=1), feats))
+
+
+@register("ablationcam")
+def ablationcam(ctx: Context, *, batch_size: int | None = None, use_tail: bool = True):
+    """Ablation-CAM: w_k = (y_c − y_c^(k)) / y_c with channel k of the layer output zeroed.
+
+    Where the bundle knows the network after the layer (`bundle.tail`: ResNet, VGG, EfficientNet
+    heads), only that tail runs on the ablated features; otherwise a hook replaces the layer's
+    output inside full forwards. Transformers ablate an embedding channel in every token.
+    batch_size: ablated copies per forward (default: as Score-CAM for full forwards; for the
+    tail, as many as fit in TAIL_CHUNK_BYTES).
+    """
+    raw = ctx.raw_features()
+    feats = ctx.features()
+    y = _pick(ctx.logits(), ctx.targets)
+    B, K = feats.shape[:2]
+    ablated = y[:, None].expand(B, K).clone()
+    tokens = ctx.bundle.reshape is not None
+    silent = (raw == 0).all(1) if tokens else (raw == 0).flatten(2).all(-1)
+    pairs = (~silent).nonzero()
+    tail = ctx.bundle.tail if use_tail and not tokens else None
+
+    def zero_channel(out: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        rows = torch.arange(len(k), device=out.device)
+        if tokens:
+            out[rows, :, k] = 0
+        else:
+            out[rows, k] = 0
+        return out
+
+    with torch.no_grad():
+        if tail is not None:
+            chunk = batch_size or max(1, TAIL_CHUNK_BYTES // (raw[0].numel() * raw.element_size()))
+            for start in range(0, len(pairs), chunk):
+                b, k = pairs[start:start + chunk].unbind(1)
+                ablated[b, k] = _pick(tail(zero_channel(raw[b], k)), ctx.targets[b])
+        else:
+            chunk = ctx.chunk(32, 128, batch_size)
+            target = ctx.bundle.target
+            for start in range(0, len(pairs), chunk):
+                b, k = pairs[start:start + chunk].unbind(1)
+                with replace_output(target, lambda out, k=k: zero_channel(out, k)):
+                    ablated[b, k] = _pick(ctx.model(ctx.images[b]), ctx.targets[b])
+    weights = (y[:, None] - ablated) / y[:, None]
+    return _done(ctx, _weighted(weights, feats))
