@@ -1,0 +1,609 @@
+"""cluster/: the files an operator uses to run the job on a real Ray cluster, checked without one.
+
+Every YAML parses; the run configs have the documented shape and name only real methods, options,
+metric groups, models and weights; the ray-up config passes Ray's own validation; the KubeRay
+manifests and the runtime env agree with the run configs, with pyproject.toml and with each
+other (Ray version, image, GPUs, token auth); submit.sh and nightly.sh do what they say, run
+against stub `ray` / `opticam` commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import stat
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+CONFIGS = CLUSTER / "configs"
+IMAGE_ROOT = "/home/ray/opticam/"       # where cluster/Dockerfile puts the repository
+
+METRIC_GROUPS = ("classification", "insertion_deletion", "localization", "box_study")
+TOP_KEYS = {"run_id", "output", "datasets", "models", "methods", "metrics", "compute", "save_maps"}
+DATASET_KEYS = {"name", "uri", "limit"}
+MODEL_KEYS = {"name", "key", "weights", "checkpoint", "num_classes", "layer", "datasets"}
+COMPUTE_KEYS = {"batch_size", "actors", "gpus_per_actor", "cpus_per_actor"}
+PAPER_MODELS = ["resnet50", "vgg16_bn", "vit_base_patch16_224", "deit_base_patch16_224"]
+
+
+def load(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+def run_configs() -> list[Path]:
+    return sorted(CONFIGS.glob("*.yaml"))
+
+
+def pyproject_dependencies() -> dict[str, str]:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return {re.split(r"[\[<>=!~ ]", d, maxsplit=1)[0].lower(): re.sub(r"\[.*?\]", "", d) for d in deps}
+
+
+def ray_version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split("."))
+
+
+# --------------------------------------------------------------------------------------------
+# The run-config shape (the contract of issue 4 §2), checked here until and beside
+# pipeline.config.load_config.
+
+
+def config_problems(cfg) -> list[str]:
+    from opticam_core.methods import METHODS, method_options
+    from opticam_core.models import ALIASES, BUILTIN
+
+    problems: list[str] = []
+    if not isinstance(cfg, dict):
+        return ["not a mapping"]
+    problems += [f"unknown top-level key {k!r}" for k in sorted(set(cfg) - TOP_KEYS)]
+    for key in ("output", "datasets", "models", "methods", "metrics", "compute"):
+        if key not in cfg:
+            problems.append(f"missing {key!r}")
+    if "run_id" in cfg and not (cfg["run_id"] is None or isinstance(cfg["run_id"], str)):
+        problems.append("run_id must be a string")
+    if not isinstance(cfg.get("output", ""), str) or not cfg.get("output"):
+        problems.append("output must be a non-empty path or URI")
+
+    names = []
+    for i, ds in enumerate(cfg.get("datasets") or []):
+        if not isinstance(ds, dict) or not {"name", "uri"} <= set(ds):
+            problems.append(f"datasets[{i}] needs name and uri")
+            continue
+        problems += [f"datasets[{i}]: unknown key {k!r}" for k in sorted(set(ds) - DATASET_KEYS)]
+        limit = ds.get("limit")
+        if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool) and limit > 0):
+            problems.append(f"datasets[{i}].limit must be null or a positive integer")
+        names.append(ds["name"])
+    if not names:
+        problems.append("datasets: at least one")
+    if len(set(names)) != len(names):
+        problems.append("datasets: duplicate names")
+
+    keys = []
+    for i, m in enumerate(cfg.get("models") or []):
+        if not isinstance(m, dict) or "name" not in m:
+            problems.append(f"models[{i}] needs a name")
+            continue
+        problems += [f"models[{i}]: unknown key {k!r}" for k in sorted(set(m) - MODEL_KEYS)]
+        name = ALIASES.get(m["name"], m["name"])
+        if name not in BUILTIN and "layer" not in m:
+            problems.append(f"models[{i}]: {m['name']!r} is not built in: it needs a layer")
+        nc = m.get("num_classes")
+        if nc is not None and not (isinstance(nc, int) and nc >= 2):
+            problems.append(f"models[{i}].num_classes must be an integer >= 2")
+        if "checkpoint" in m and not isinstance(m["checkpoint"], str):
+            problems.append(f"models[{i}].checkpoint must be a path or URI")
+        for d in m.get("datasets") or []:
+            if d not in names:
+                problems.append(f"models[{i}].datasets names an unknown dataset {d!r}")
+        keys.append(m.get("key", m["name"]))
+    if not keys:
+        problems.append("models: at least one")
+    if len(set(keys)) != len(keys):
+        problems.append("models: two models share a key (give each a unique `key`)")
+
+    methods = cfg.get("methods")
+    if not isinstance(methods, dict) or not methods:
+        problems.append("methods must be a non-empty mapping key -> options")
+    else:
+        for key, options in methods.items():
+            if key not in METHODS:
+                problems.append(f"unknown method {key!r}")
+                continue
+            if not isinstance(options, dict):
+                problems.append(f"methods.{key} must be a mapping of options")
+                continue
+            problems += [f"methods.{key}: unknown option {o!r}" for o in sorted(set(options) - set(method_options(key)))]
+
+    metrics = cfg.get("metrics")
+    groups = list(metrics) if isinstance(metrics, (list, dict)) else []
+    if not groups:
+        problems.append("metrics must be a non-empty list or mapping of groups")
+    problems += [f"unknown metric group {g!r}" for g in groups if g not in METRIC_GROUPS]
+
+    compute = cfg.get("compute")
+    if not isinstance(compute, dict):
+        problems.append("compute must be a mapping")
+    else:
+        problems += [f"compute: unknown key {k!r}" for k in sorted(set(compute) - COMPUTE_KEYS)]
+        for k in ("batch_size", "actors"):
+            v = compute.get(k)
+            if not (isinstance(v, int) and v >= 1):
+                problems.append(f"compute.{k} must be an integer >= 1")
+        for k in ("gpus_per_actor", "cpus_per_actor"):
+            v = compute.get(k, 0)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0):
+                problems.append(f"compute.{k} must be a number >= 0")
+    if cfg.get("save_maps", "none") not in ("png", "none"):
+        problems.append("save_maps must be png or none")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def configs() -> dict[str, dict]:
+    return {p.stem: load(p) for p in run_configs()}
+
+
+def test_every_yaml_file_parses():
+    files = sorted(CLUSTER.rglob("*.yaml"))
+    assert len(files) >= 9
+    for path in files:
+        docs = [d for d in yaml.safe_load_all(path.read_text())]
+        assert docs and all(isinstance(d, dict) and d for d in docs), path
+
+
+def test_the_run_configs_are_there():
+    assert {p.stem for p in run_configs()} >= {"imagenet-val", "chestxray", "kvasir", "demo"}
+
+
+@pytest.mark.parametrize("path", run_configs(), ids=lambda p: p.stem)
+def test_run_config_shape(path):
+    assert config_problems(load(path)) == []
+
+
+def test_the_shape_check_catches_mistakes(configs):
+    """The checker above must be able to say no: each planted mistake is reported."""
+    good = configs["imagenet-val"]
+
+    def mutated(change):
+        cfg = json.loads(json.dumps(good))
+        change(cfg)
+        return config_problems(cfg)
+
+    assert mutated(lambda c: c.update(colour="red")) == ["unknown top-level key 'colour'"]
+    assert mutated(lambda c: c["methods"].update(gradcamz={})) == ["unknown method 'gradcamz'"]
+    assert mutated(lambda c: c["methods"]["opticam"].update(iters=5)) == ["methods.opticam: unknown option 'iters'"]
+    assert mutated(lambda c: c.update(metrics=["classification", "pointing"])) == ["unknown metric group 'pointing'"]
+    assert mutated(lambda c: c["models"].append({"name": "resnet50"})) == [
+        "models: two models share a key (give each a unique `key`)"]
+    assert mutated(lambda c: c["models"][0].update(datasets=["kvasir"])) == [
+        "models[0].datasets names an unknown dataset 'kvasir'"]
+    assert mutated(lambda c: c["compute"].update(actors=0)) == ["compute.actors must be an integer >= 1"]
+    assert mutated(lambda c: c["datasets"][0].update(limit=-1)) == [
+        "datasets[0].limit must be null or a positive integer"]
+    assert mutated(lambda c: c.pop("models")) == ["missing 'models'", "models: at least one"]
+    assert mutated(lambda c: c.update(save_maps="jpeg")) == ["save_maps must be png or none"]
+
+
+def test_configs_pass_the_pipelines_own_validator_when_it_exists():
+    try:
+        from pipeline.config import load_config
+    except ImportError:
+        pytest.skip("pipeline.config.load_config does not exist yet")
+    for path in run_configs():
+        load_config(path)
+
+
+# --------------------------------------------------------------------------------------------
+# What each run config promises
+
+
+def _normalised(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def test_paper_configs_use_all_ten_methods_at_the_papers_defaults(configs):
+    from opticam_core.methods import METHODS, method_options
+
+    for name in ("imagenet-val", "imagenet-nightly", "chestxray", "kvasir"):
+        methods = configs[name]["methods"]
+        assert list(methods) == list(METHODS), name
+        for key, options in methods.items():
+            defaults = method_options(key)
+            for option, value in options.items():
+                assert _normalised(value) == _normalised(defaults[option]), (name, key, option)
+    assert configs["imagenet-val"]["methods"]["opticam"]["iterations"] == 100      # SPEC §3
+    assert configs["imagenet-val"]["methods"]["extremal"]["iterations"] == 800     # TorchRay
+
+
+def test_imagenet_val_is_the_full_paper_setup(configs):
+    from opticam_core.models import BUILTIN
+
+    cfg = configs["imagenet-val"]
+    [ds] = cfg["datasets"]
+    assert ds["limit"] is None and ds["uri"].startswith("s3://")
+    assert [m["name"] for m in cfg["models"]] == PAPER_MODELS
+    for m in cfg["models"]:
+        assert m["layer"] == BUILTIN[m["name"]].layer, m  # the paper's target layers (SPEC §6)
+        assert m.get("weights") and "checkpoint" not in m and "num_classes" not in m
+    assert cfg["metrics"] == list(METRIC_GROUPS)
+    assert cfg["compute"]["gpus_per_actor"] >= 1
+
+
+def test_the_nightly_config_is_a_fixed_subset_of_imagenet_val(configs):
+    full, nightly = configs["imagenet-val"], configs["imagenet-nightly"]
+    for key in ("models", "methods", "metrics"):
+        assert nightly[key] == full[key], key
+    [ds_full], [ds_night] = full["datasets"], nightly["datasets"]
+    assert ds_night["uri"] == ds_full["uri"] and ds_night["name"] == ds_full["name"]
+    assert isinstance(ds_night["limit"], int) and 0 < ds_night["limit"] < 50_000
+    assert nightly["output"] != full["output"]  # its own root: `previous` is the night before
+
+
+def test_pretrained_weights_exist_for_their_architectures(configs):
+    """Checked against torchvision's and timm's registries, without downloading anything."""
+    import timm
+    import torchvision
+
+    timm_tags = set(timm.list_pretrained())
+    for cfg in configs.values():
+        for m in cfg["models"]:
+            weights = m.get("weights")
+            if weights in (None, "default", "DEFAULT"):
+                continue
+            try:
+                enum = torchvision.models.get_model_weights(m["name"])
+            except (ValueError, KeyError):
+                assert f"{m['name']}.{weights}" in timm_tags, m
+            else:
+                assert weights in enum.__members__, m
+
+
+@pytest.mark.parametrize("name,classes", [("chestxray", 2), ("kvasir", 8)])
+def test_medical_configs(configs, name, classes):
+    from opticam_core.models import BUILTIN
+
+    cfg = configs[name]
+    [ds] = cfg["datasets"]
+    assert {m["name"] for m in cfg["models"]} == {"resnet50", "vgg16_bn"}
+    for m in cfg["models"]:
+        assert m["checkpoint"].startswith("s3://") and m["checkpoint"].endswith(".pt")
+        assert m["num_classes"] == classes
+        assert m["layer"] == BUILTIN[m["name"]].layer
+        assert m["key"].startswith(name) and m["datasets"] == [ds["name"]]
+        assert "weights" not in m  # the checkpoint replaces them; nothing to download
+    # No boxes in these datasets: the box-based groups are not asked for.
+    assert set(cfg["metrics"]) == {"classification", "insertion_deletion"}
+
+
+def test_demo_config(configs):
+    from opticam_core.methods import METHODS, method_options
+
+    cfg = configs["demo"]
+    assert cfg["output"] == "runs/demo"
+    assert cfg["datasets"] == [{"name": "demo", "uri": "demo", "limit": None}]
+    assert [m["name"] for m in cfg["models"]] == ["efficientnet_lite0"]
+    assert set(cfg["methods"]) == set(METHODS)
+    assert cfg["metrics"] == list(METRIC_GROUPS)
+    compute = cfg["compute"]
+    assert compute["actors"] == 1 and compute["batch_size"] == 8 and compute["gpus_per_actor"] == 0
+    assert compute["cpus_per_actor"] < 2  # a 2-core laptop keeps a core for Ray Data's tasks
+
+    # Every setting that departs from the paper says why, in a comment just above or beside it.
+    lines = (CONFIGS / "demo.yaml").read_text().splitlines()
+    for key, options in cfg["methods"].items():
+        defaults = method_options(key)
+        changed = [o for o, v in options.items() if _normalised(v) != _normalised(defaults[o])]
+        if not changed:
+            continue
+        at = next(i for i, line in enumerate(lines) if re.match(rf"\s+{key}:", line))
+        above = []
+        for line in reversed(lines[:at]):
+            if not line.strip().startswith("#"):
+                break
+            above.append(line)
+        note = " ".join(above) + lines[at].partition("#")[2]
+        assert re.search(r"reduc", note, re.I), f"demo.yaml changes {key} {changed} without saying why"
+
+
+# --------------------------------------------------------------------------------------------
+# Runtime env, ray-up config, image: consistent with pyproject.toml and with each other
+
+
+def test_runtime_env(tmp_path):
+    env = load(CLUSTER / "runtime_env.yaml")
+    assert env["working_dir"] == "."
+    for pattern in (".venv/", ".git/", "runs/"):
+        assert pattern in env["excludes"]
+    packages = env["pip"]["packages"]
+    assert packages[-1] == "${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}"  # installs opticam: the command
+    deps = pyproject_dependencies()
+    assert sorted(packages[:-1]) == sorted(v for k, v in deps.items() if k != "ray")
+    for name, value in env.get("env_vars", {}).items():
+        assert isinstance(value, str), name
+        assert not re.search(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY", name), f"{name}: no secrets in the runtime env"
+
+
+def test_ray_up_config_passes_rays_own_validation():
+    pytest.importorskip("jsonschema")
+    pytest.importorskip("boto3")
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = load(CLUSTER / "aws.yaml")
+    assert cfg["provider"]["type"] == "aws"
+    validate_config(prepare_config(json.loads(json.dumps(cfg))))
+
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0 and not re.match(r"(g|p)\d", head["node_config"]["InstanceType"])
+    workers = {k: v for k, v in types.items() if k != cfg["head_node_type"]}
+    gpu_types = [v for v in workers.values() if re.match(r"(g5|g6|p4d|p5)\.", v["node_config"]["InstanceType"])]
+    assert gpu_types and len(gpu_types) == len(workers)
+    assert any(v["max_workers"] >= 1 for v in gpu_types)
+    for v in gpu_types:
+        assert 0 <= v["min_workers"] <= v["max_workers"] <= cfg["max_workers"]
+        assert "IamInstanceProfile" in v["node_config"]  # workers read and write S3
+    # Token auth on every node: the operator's token is copied and the mode set before ray start.
+    assert "~/.ray/auth_token" in cfg["file_mounts"]
+    for cmd in (cfg["head_start_ray_commands"][-1], cfg["worker_start_ray_commands"][-1]):
+        assert "export RAY_AUTH_MODE=token" in cmd and "ray start" in cmd
+    # The setup pre-installs exactly the project's dependencies except Ray itself.
+    [setup] = cfg["setup_commands"]
+    installed = sorted(shlex.split(setup)[3:])
+    assert installed == sorted(v for k, v in pyproject_dependencies().items() if k != "ray")
+
+
+def _images() -> dict[str, str]:
+    found = {"aws.yaml": load(CLUSTER / "aws.yaml")["docker"]["image"]}
+    m = re.search(r"^ARG RAY_IMAGE=(\S+)$", (CLUSTER / "Dockerfile").read_text(), re.M)
+    found["Dockerfile"] = m.group(1)
+    return found
+
+
+def test_one_ray_version_everywhere():
+    """ray>=2.50 and Python 3.11 per pyproject; one Ray version across image tags and KubeRay."""
+    versions = set()
+    for where, image in _images().items():
+        m = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py311-gpu", image)
+        assert m, (where, image)
+        versions.add(m.group(1))
+    for name in ("rayjob.yaml", "raycronjob.yaml"):
+        doc = load(CLUSTER / "kuberay" / name)
+        spec = doc["spec"]["jobTemplate"] if doc["kind"] == "RayCronJob" else doc["spec"]
+        versions.add(spec["rayClusterSpec"]["rayVersion"])
+    assert len(versions) == 1, versions
+    [version] = versions
+    floor = re.search(r"ray>=([\d.]+)", pyproject_dependencies()["ray"]).group(1)
+    assert ray_version_tuple(version) >= ray_version_tuple(floor)
+    assert ray_version_tuple(version) >= (2, 52)  # token authentication
+
+
+def test_dockerfile_installs_the_project_and_keeps_the_context_small():
+    text = (CLUSTER / "Dockerfile").read_text()
+    for part in ("pyproject.toml", "README.md", "opticam_core", "pipeline", "cluster"):
+        assert re.search(rf"^COPY .*\b{re.escape(part)}\b", text, re.M), part
+        assert (ROOT / part).exists(), part
+    assert re.search(r"^RUN pip install --no-cache-dir \.", text, re.M)
+    assert f"WORKDIR {IMAGE_ROOT.rstrip('/')}" in text
+    ignore = [line.strip() for line in (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines()
+              if line.strip() and not line.lstrip().startswith("#")]
+    assert ignore[0] == "*"  # an allow-list: .venv, runs/, .git stay out of the build context
+    assert not any(line.startswith(("!.venv", "!runs", "!.git")) for line in ignore)
+
+
+# --------------------------------------------------------------------------------------------
+# KubeRay
+
+
+def _repo_path(image_path: str) -> Path:
+    assert image_path.startswith(IMAGE_ROOT), image_path
+    return ROOT / image_path[len(IMAGE_ROOT):]
+
+
+def _job_specs():
+    job = load(CLUSTER / "kuberay" / "rayjob.yaml")
+    cron = load(CLUSTER / "kuberay" / "raycronjob.yaml")
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert (cron["apiVersion"], cron["kind"]) == ("ray.io/v1", "RayCronJob")
+    return {"rayjob": job["spec"], "raycronjob": cron["spec"]["jobTemplate"]}
+
+
+def _check_cluster_spec(spec: dict, run_config: dict):
+    cluster = spec["rayClusterSpec"]
+    assert cluster["authOptions"]["mode"] == "token"
+    service_account = load(CLUSTER / "kuberay" / "serviceaccount.yaml")["metadata"]["name"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert head["serviceAccountName"] == service_account
+    assert "nvidia.com/gpu" not in head["containers"][0]["resources"]["limits"]
+    images = {head["containers"][0]["image"]}
+    gpus = 0
+    for group in cluster["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        assert pod["serviceAccountName"] == service_account
+        [container] = pod["containers"]
+        images.add(container["image"])
+        limits = container["resources"]["limits"]
+        assert limits == container["resources"]["requests"]
+        per_pod = int(limits.get("nvidia.com/gpu", 0))
+        assert per_pod >= 1
+        assert int(limits["cpu"]) >= run_config["compute"]["cpus_per_actor"]
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        gpus += per_pod * group["maxReplicas"]
+    compute = run_config["compute"]
+    assert gpus >= compute["actors"] * compute["gpus_per_actor"]  # every actor finds a GPU
+    assert len(images) == 1
+
+
+def test_rayjob_runs_opticam_on_a_repository_config():
+    spec = _job_specs()["rayjob"]
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:2] == ["opticam", "run"]
+    config = _repo_path(argv[2])
+    assert config.parent == CONFIGS and config.is_file()
+    assert "--run-id" in argv  # fixed, so a retry resumes instead of starting over
+    assert spec["shutdownAfterJobFinishes"] is True
+    _check_cluster_spec(spec, load(config))
+
+
+def test_raycronjob_runs_the_nightly_script_with_a_valid_threshold():
+    cron = load(CLUSTER / "kuberay" / "raycronjob.yaml")
+    assert len(cron["spec"]["schedule"].split()) == 5
+    spec = _job_specs()["raycronjob"]
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[0] == "bash" and _repo_path(argv[1]) == CLUSTER / "nightly.sh"
+    env = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
+    config = _repo_path(env["OPTICAM_CONFIG"])
+    assert config.is_file()
+    assert env["OPTICAM_OUTPUT"] == load(config)["output"].rstrip("/")
+    from pipeline.report.compare import parse_thresholds
+
+    thresholds = parse_thresholds(env["OPTICAM_FAIL_ON"])
+    assert {"AD", "AG", "AI", "failed"} <= set(thresholds)
+    assert spec["backoffLimit"] == 0 and spec["shutdownAfterJobFinishes"] is True
+    _check_cluster_spec(spec, load(config))
+
+
+# --------------------------------------------------------------------------------------------
+# The scripts, against stub commands
+
+
+def _stub(bin_dir: Path, name: str, body: str) -> None:
+    path = bin_dir / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def _env(tmp_path: Path, **extra) -> dict:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "OPTICAM_"))}
+    env.update(PATH=f"{bin_dir}:{Path(sys.executable).parent}:{env.get('PATH', '')}", HOME=str(home),
+               PYTHON=sys.executable, PYTHONPATH=str(ROOT))
+    env.update(extra)
+    return env
+
+
+def _submit(tmp_path, *args, **env):
+    return subprocess.run(["bash", str(CLUSTER / "submit.sh"), *args], capture_output=True, text=True,
+                          cwd=tmp_path, env=_env(tmp_path, **env), timeout=60)
+
+
+def _dry_run_command(out: str) -> list[str]:
+    line = next(l for l in out.splitlines() if l.startswith("ray job submit"))
+    return shlex.split(line)
+
+
+def test_submit_dry_run(tmp_path):
+    r = _submit(tmp_path, "--dry-run", "--run-id", "r1", "--output", "s3://b/out", "--no-wait",
+                str(CONFIGS / "demo.yaml"), "--", "--extra-flag",
+                RAY_ADDRESS="http://10.0.0.5:8265", AWS_ENDPOINT_URL="http://127.0.0.1:9000",
+                AWS_SECRET_ACCESS_KEY="do-not-leak", AWS_ACCESS_KEY_ID="AKIA-do-not-leak")
+    assert r.returncode == 0, r.stderr
+    argv = _dry_run_command(r.stdout)
+    assert argv[argv.index("--address") + 1] == "http://10.0.0.5:8265"
+    assert "--no-wait" in argv
+    sep = argv.index("--")
+    assert argv[sep + 1:] == ["opticam", "run", "cluster/configs/demo.yaml", "--run-id", "r1",
+                              "--output", "s3://b/out", "--extra-flag"]
+    runtime_env = json.loads(argv[argv.index("--runtime-env-json") + 1])
+    assert runtime_env["working_dir"] == "." and "pip" in runtime_env
+    assert runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
+    assert "do-not-leak" not in r.stdout + r.stderr
+    assert "RAY_AUTH_MODE=\n" in r.stdout  # no token anywhere: the mode stays unset
+    assert "s3://b/out/run=r1/dataset=DATASET/model=MODEL/*.parquet" in r.stdout
+    assert "opticam report s3://b/out/run=r1" in r.stdout
+
+
+def test_submit_finds_the_token_and_defaults(tmp_path):
+    (tmp_path / "home" / ".ray").mkdir(parents=True)
+    (tmp_path / "home" / ".ray" / "auth_token").write_text("secret-token")
+    r = _submit(tmp_path, "--dry-run", "--no-pip", str(CONFIGS / "chestxray.yaml"))
+    assert r.returncode == 0, r.stderr
+    assert "RAY_AUTH_MODE=token" in r.stdout and "secret-token" not in r.stdout
+    argv = _dry_run_command(r.stdout)
+    assert argv[argv.index("--address") + 1] == "http://127.0.0.1:8265"
+    assert "--no-wait" not in argv
+    run_id = argv[argv.index("--run-id") + 1]
+    assert re.fullmatch(r"chestxray-\d{8}T\d{6}Z", run_id)
+    assert "pip" not in json.loads(argv[argv.index("--runtime-env-json") + 1])
+    assert f"s3://my-bucket/opticam/runs/run={run_id}/" in r.stdout  # the config's output
+
+
+def test_submit_runs_ray_and_returns_its_status(tmp_path):
+    log = tmp_path / "ray.args"
+    _env(tmp_path)  # creates bin/
+    _stub(tmp_path / "bin", "ray",
+          f'printf "%s\\n" "$PWD" "$@" > {shlex.quote(str(log))}\nexit "${{STUB_RAY_EXIT:-0}}"\n')
+    ok = _submit(tmp_path, "--run-id", "r2", str(CONFIGS / "demo.yaml"))
+    assert ok.returncode == 0, ok.stderr
+    called = log.read_text().splitlines()
+    assert called[0] == str(ROOT)  # submitted from the repository root: working_dir "." is the checkout
+    assert called[1:4] == ["job", "submit", "--address"]
+    assert "ray job logs opticam-r2-" in ok.stdout
+    failed = _submit(tmp_path, "--run-id", "r2", str(CONFIGS / "demo.yaml"), STUB_RAY_EXIT="1")
+    assert failed.returncode == 1
+
+
+def test_submit_refuses_a_config_outside_the_checkout(tmp_path):
+    outside = tmp_path / "mine.yaml"
+    outside.write_text((CONFIGS / "demo.yaml").read_text())
+    r = _submit(tmp_path, "--dry-run", str(outside))
+    assert r.returncode == 2 and "outside the repository" in r.stderr
+
+
+@pytest.mark.parametrize("report_status", [0, 1, 2])
+def test_nightly_script(tmp_path, report_status):
+    env = _env(tmp_path, OPTICAM_OUTPUT=f"file://{tmp_path}/out/", STUB_REPORT_EXIT=str(report_status))
+    calls = tmp_path / "opticam.calls"
+    _stub(tmp_path / "bin", "opticam", f"""
+printf '%s\\n' "$*" >> {shlex.quote(str(calls))}
+if [ "$1" = report ]; then
+    out="${{@: -1}}"; mkdir -p "$out"; echo '# report' > "$out/report.md"
+    exit "$STUB_REPORT_EXIT"
+fi
+""")
+    r = subprocess.run(["bash", str(CLUSTER / "nightly.sh")], capture_output=True, text=True, cwd=tmp_path,
+                       env=env, timeout=120)
+    assert r.returncode == report_status, r.stdout + r.stderr
+    run_id = "nightly-" + datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    run, report = calls.read_text().splitlines()
+    assert run == (f"run {CONFIGS / 'imagenet-nightly.yaml'} --run-id {run_id} --output file://{tmp_path}/out")
+    assert report == (f"report file://{tmp_path}/out/run={run_id} --against previous "
+                      f"--fail-on AD=2,AG=2,AI=2,I=2,D=2,failed=0 --fail-direction worse --out reports/{run_id}")
+    # A remote output gets the report copied beside the runs (file:// stands in for s3:// here).
+    assert (tmp_path / "out" / f"report={run_id}" / "report.md").read_text() == "# report\n"
+    if report_status == 1:
+        assert "ALERT" in r.stderr
+
+
+def test_nightly_script_stops_when_the_evaluation_fails(tmp_path):
+    calls = tmp_path / "opticam.calls"
+    env = _env(tmp_path, OPTICAM_OUTPUT=str(tmp_path / "out"))  # creates bin/
+    _stub(tmp_path / "bin", "opticam", f'echo "$1" >> {shlex.quote(str(calls))}; [ "$1" != run ] || exit 1\n')
+    r = subprocess.run(["bash", str(CLUSTER / "nightly.sh")], capture_output=True, text=True, cwd=tmp_path,
+                       env=env, timeout=60)
+    assert r.returncode == 3  # never 1: that status means "a metric moved", which this is not
+    assert calls.read_text().split() == ["run"]  # no report on a failed evaluation
+
+
+def test_scripts_are_executable_bash():
+    for name in ("submit.sh", "nightly.sh"):
+        path = CLUSTER / name
+        assert path.stat().st_mode & stat.S_IXUSR, name
+        subprocess.run(["bash", "-n", str(path)], check=True)
