@@ -1,0 +1,278 @@
+"""`opticam run CONFIG.yaml`: the evaluation as a Ray Data plan, resumable, streamed to Parquet.
+
+Per (dataset, model): read the samples (local or s3://) → keep the samples that still miss rows
+→ `map_batches(Evaluator)` on a pool of actors that each hold the frozen model (GPUs when the
+cluster has them) → `write_parquet` to OUT/run=ID/dataset=D/model=M/, streamed.
+
+Resume: every row carries (dataset, sample_id, model, method). Before a plan runs, the rows
+already written under its directory are read (only those columns), and only the missing
+(sample, method) pairs are computed. A file a killed driver left half-written cannot be read:
+it is deleted and its rows are computed again. So a rerun with the same run id, after a crash
+or with methods added to the config, completes the run and holds each row exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from . import storage
+from .config import DEMO_URI, ConfigError, DatasetSpec, ModelSpec, RunConfig, load_config
+
+MANIFEST = "_run.json"
+
+
+def run_uri(output: str, run_id: str) -> str:
+    return storage.join(output, f"run={run_id}")
+
+
+def plan_uri(output: str, run_id: str, dataset: str, model: str) -> str:
+    return storage.join(run_uri(output, run_id), f"dataset={dataset}", f"model={model}")
+
+
+# ------------------------------------------------------------------------------------------
+# What is done already
+
+
+def existing_rows(uri: str, *, repair: bool = True) -> pa.Table:
+    """The key columns (and error) of the rows under `uri`; unreadable files are removed
+    (they are what a killed writer leaves) when `repair`."""
+    columns = ["sample_id", "method", "error"]
+    if not storage.exists(uri):
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    fs, path = storage.filesystem(uri)
+    parts = []
+    for file in storage.find(uri):
+        if not file.endswith(".parquet"):
+            continue
+        try:
+            parts.append(pads.dataset(storage.filesystem(file)[1], filesystem=fs, format="parquet")
+                         .to_table(columns=columns))
+        except Exception as err:
+            if not repair:
+                raise
+            print(f"removing unreadable result file {storage.redact(file)} ({type(err).__name__}); "
+                  "its rows will be computed again", file=sys.stderr)
+            storage.rm(file)
+    if not parts:
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    return pa.concat_tables(parts)
+
+
+def sample_ids(uri: str) -> list[str]:
+    fs, path = storage.filesystem(uri)
+    ids = pads.dataset(path, filesystem=fs, format="parquet", partitioning=None).to_table(columns=["sample_id"])
+    return ids.column("sample_id").to_pylist()
+
+
+def missing_work(dataset: DatasetSpec, samples_uri: str, methods: list[str], done: pa.Table) -> dict[str, list[str]]:
+    """sample_id → methods whose rows are missing, over the dataset's selected samples."""
+    ids = sample_ids(samples_uri)
+    if len(set(ids)) != len(ids):
+        dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise ValueError(f"dataset {dataset.name!r}: sample_id is not unique (e.g. {dupes})")
+    selected = sorted(ids)[: dataset.limit] if dataset.limit else ids
+    have: dict[str, set[str]] = defaultdict(set)
+    for sid, method in zip(done.column("sample_id").to_pylist(), done.column("method").to_pylist()):
+        have[sid].add(method)
+    todo = {}
+    for sid in selected:
+        missing = [m for m in methods if m not in have.get(sid, ())]
+        if missing:
+            todo[sid] = missing
+    return todo
+
+
+# ------------------------------------------------------------------------------------------
+# The plan
+
+
+def _demo_samples(config: RunConfig) -> str:
+    from .demo.samples import write_demo_samples
+
+    target = storage.join(config.output, "_samples", "demo")
+    if not storage.is_remote(target):
+        write_demo_samples(target)
+        return target
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_demo_samples(tmp)
+        storage.write_bytes(storage.join(target, os.path.basename(str(path))), open(path, "rb").read())
+    return target
+
+
+def resolve_samples(config: RunConfig, dataset: DatasetSpec) -> str:
+    return _demo_samples(config) if dataset.uri == DEMO_URI else dataset.uri
+
+
+def _select(batch: pa.Table, ids: pa.Array) -> pa.Table:
+    """Keeps the samples that still miss rows (a cheap CPU stage before the model actors)."""
+    return batch.filter(pc.is_in(batch.column("sample_id"), value_set=ids))
+
+
+def evaluate_plan(config: RunConfig, dataset: DatasetSpec, model: ModelSpec, samples_uri: str,
+                  todo: dict[str, list[str]]) -> None:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from .evaluate import Evaluator
+
+    c = config.compute
+    fs, path = storage.filesystem(samples_uri)
+    blocks = max(1, min(len(todo) // c.batch_size + 1, 64 * c.actors))
+    ds = ray.data.read_parquet(path, filesystem=fs, partitioning=None, override_num_blocks=blocks,
+                               columns=["sample_id", "split", "image", "label", "label_name", "boxes"])
+    ds = ds.map_batches(_select, fn_kwargs={"ids": pa.array(sorted(todo), pa.string())}, batch_format="pyarrow",
+                        batch_size=None, num_cpus=0.25)
+    gpus = c.gpus_per_actor if _cluster_gpus() > 0 else 0
+    ds = ds.map_batches(
+        Evaluator,
+        fn_constructor_kwargs=dict(
+            run_id=config.run_id, dataset=dataset.name,
+            model={"name": model.name, "key": model.key, **model.load_kwargs()},
+            methods=config.methods, metrics=config.metrics, save_maps=config.save_maps,
+            todo=todo, threads=max(1, int(c.cpus_per_actor)) if not gpus else None,
+        ),
+        batch_size=c.batch_size, batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=c.actors),
+        num_gpus=gpus or None, num_cpus=c.cpus_per_actor,
+    )
+    out_fs, out_path = storage.filesystem(plan_uri(config.output, config.run_id, dataset.name, model.key))
+    ds.write_parquet(out_path, filesystem=out_fs)
+
+
+def _cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+# ------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    uri: str
+    counts: dict = field(default_factory=dict)  # (dataset, model, method) → (ok, failed)
+    computed: int = 0                            # (sample, method) rows computed by this call
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> int:
+        return sum(f for _ok, f in self.counts.values())
+
+    @property
+    def ok(self) -> int:
+        return sum(o for o, _f in self.counts.values())
+
+    def table(self) -> str:
+        lines = [f"{'dataset':<16} {'model':<24} {'method':<12} {'rows':>7} {'failed':>7}"]
+        for (d, m, meth), (ok, bad) in sorted(self.counts.items()):
+            lines.append(f"{d:<16} {m:<24} {meth:<12} {ok + bad:>7} {bad:>7}")
+        lines.append(f"{self.ok} rows succeeded, {self.failed} failed; {self.computed} computed in this "
+                     f"invocation ({self.seconds:.1f} s). Results: {storage.redact(self.uri)}")
+        return "\n".join(lines)
+
+
+def ensure_ray(address: str | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        # A laptop: logical CPUs beyond the cores, so Ray Data's read and write tasks never
+        # starve behind the actors (they are I/O, not compute).
+        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)))
+
+
+def _write_manifest(config: RunConfig, **extra) -> None:
+    uri = storage.join(run_uri(config.output, config.run_id), MANIFEST)
+    old = {}
+    if storage.exists(uri):
+        try:
+            old = json.loads(storage.read_text(uri))
+        except ValueError:
+            old = {}
+    manifest = {**old, "run_id": config.run_id, "config": config.to_dict(), **extra}
+    storage.write_text(uri, json.dumps(manifest, indent=2, default=str))
+
+
+def count_rows(config: RunConfig) -> dict:
+    counts = {}
+    for dataset, model in config.pairs():
+        rows = existing_rows(plan_uri(config.output, config.run_id, dataset.name, model.key), repair=False)
+        methods = rows.column("method").to_pylist()
+        errors = rows.column("error").to_pylist()
+        for method in config.methods:
+            n_ok = sum(1 for m, e in zip(methods, errors) if m == method and e is None)
+            n_bad = sum(1 for m, e in zip(methods, errors) if m == method and e is not None)
+            counts[(dataset.name, model.key, method)] = (n_ok, n_bad)
+    return counts
+
+
+def run(config: RunConfig, *, address: str | None = None, log=print) -> RunSummary:
+    """Evaluate every (dataset, model) plan of `config`; compute only what is missing."""
+    t0 = time.perf_counter()
+    ensure_ray(address)
+    started = datetime.now(timezone.utc).isoformat()
+    _write_manifest(config, started=started, finished=None, status="running")
+    summary = RunSummary(config.run_id, run_uri(config.output, config.run_id))
+    methods = list(config.methods)
+    for dataset, model in config.pairs():
+        samples_uri = resolve_samples(config, dataset)
+        dest = plan_uri(config.output, config.run_id, dataset.name, model.key)
+        todo = missing_work(dataset, samples_uri, methods, existing_rows(dest))
+        pending = sum(len(v) for v in todo.values())
+        log(f"[{dataset.name} × {model.key}] {len(todo)} samples with {pending} (sample, method) rows to compute")
+        if todo:
+            evaluate_plan(config, dataset, model, samples_uri, todo)
+            summary.computed += pending
+    summary.counts = count_rows(config)
+    summary.seconds = time.perf_counter() - t0
+    _write_manifest(config, finished=datetime.now(timezone.utc).isoformat(), status="finished",
+                    rows_ok=summary.ok, rows_failed=summary.failed)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="run config (YAML); see cluster/configs/")
+    parser.add_argument("--run-id", help="run id (default: the config's, else a timestamp); reuse one to resume")
+    parser.add_argument("--output", help="results root, local or s3:// (overrides the config's)")
+    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    parser.add_argument("--fail-on-errors", action="store_true",
+                        help="exit 1 when some rows failed (default: 0; failed rows are in the results)")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config, run_id=args.run_id, output=args.output)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"config OK: {len(config.pairs())} (dataset, model) plans × {len(config.methods)} methods")
+        return 0
+    summary = run(config, address=args.address)
+    print(summary.table())
+    return 1 if args.fail_on_errors and summary.failed else 0
