@@ -5,9 +5,12 @@ No Ray, no datasets, no result files: `pipeline` builds the job on top of this.
 
 from .maps import fake_cam, normalize, upsample
 from .methods import METHODS, Explanation, explain, method_options
-from .models import BUILTIN, ModelBundle, ModelError, WeightsUnavailableError, available_models, load_model
+from .models import (
+    BUILTIN, ModelBundle, ModelError, WeightsUnavailableError, available_models, load_model, wrap_model,
+)
 
 __all__ = [
     "BUILTIN", "METHODS", "Explanation", "ModelBundle", "ModelError", "WeightsUnavailableError",
     "available_models", "explain", "fake_cam", "load_model", "method_options", "normalize", "upsample",
+    "wrap_model",
 ]

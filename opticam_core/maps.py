@@ -64,8 +64,10 @@ def normalize(maps: torch.Tensor, mode: str = "range") -> torch.Tensor:
 def finish(cams: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Low-resolution B×h×w CAMs → user maps B×H×W in [0,1], and the per-image constant flag.
 
-    up then n (SPEC §1). Min–max normalisation commutes with bilinear upsampling (an affine
-    map with weights summing to one), so normalising before or after gives the same map.
+    up then n (SPEC §1). Bilinear upsampling is linear with weights summing to one, so it commutes
+    with any affine rescaling: n(up(n(S))) = n(up(S)), which is why pytorch-grad-cam's
+    scale-resize-scale gives our maps. up(n(S)) alone is *not* n(up(S)): the upsampled samples
+    need not hit the low-resolution extremes, so its range can be narrower than [0,1].
     """
     up = upsample(cams, size)
     return normalize(up), constant_maps(up)

@@ -277,12 +277,17 @@ def _read_checkpoint(checkpoint) -> Mapping[str, torch.Tensor]:
             raise ModelError(f"checkpoint not found: {uri}") from err
         except Exception as err:
             raise ModelError(f"cannot read checkpoint {uri}: {type(err).__name__}: {err}") from err
+    if not isinstance(state, Mapping):
+        raise ModelError(f"checkpoint holds a {type(state).__name__}, not a state dict")
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state.get(key), Mapping):
             state = state[key]
             break
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError("checkpoint is not a state dict of tensors")
+    if any(k.startswith("net.") for k in state):
+        # A saved `bundle.model` (the Normalized wrapper): its mean/std buffers are not the net's.
+        state = {k: v for k, v in state.items() if k not in ("mean", "std")}
     prefix = re.compile(r"^(module\.|net\.|model\.)")
     return OrderedDict((prefix.sub("", k), v) for k, v in state.items())
 
@@ -290,7 +295,9 @@ def _read_checkpoint(checkpoint) -> Mapping[str, torch.Tensor]:
 def _load_checkpoint(net: nn.Module, checkpoint, name: str) -> None:
     state = _read_checkpoint(checkpoint)
     own = net.state_dict()
-    missing = [k for k in own if k not in state]
+    # Old checkpoints (torchvision's own ResNet/VGG files among them) predate BatchNorm's
+    # num_batches_tracked; load_state_dict fills it in, so it is not missing.
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in own if k in state and state[k].shape != own[k].shape]
@@ -333,8 +340,9 @@ def _verified_tail(model: Normalized, layer: str, tail, input_size) -> bool:
     """Whether `tail(layer output) == logits` on a probe image: the tail is trusted only if it is exact."""
     from .hooks import capture
 
-    probe = torch.rand(2, 3, *input_size, generator=torch.Generator().manual_seed(0))
-    probe = probe.to(next(model.parameters()).device)
+    param = next(model.parameters())
+    probe = torch.rand(1, 3, *input_size, generator=torch.Generator().manual_seed(0))
+    probe = probe.to(device=param.device, dtype=param.dtype)
     with capture(model.get_submodule(layer)) as cap:
         logits = model(probe)
     try:
@@ -375,6 +383,14 @@ def load_model(
         weights = None  # the checkpoint replaces pretrained weights; do not fetch them
     pretrained = (cfg.weights if cfg else "DEFAULT") if weights == DEFAULT else weights
 
+    if cfg is None and layer is None:
+        if not _known_arch(name):
+            raise ModelError(
+                f"unknown model {name!r}: not a built-in ({', '.join(available_models())}) "
+                "and not a torchvision or timm model name"
+            )
+        raise ModelError(f"{name!r} is not a built-in model: pass layer='dotted.module.path' (the target layer)")
+
     found_classes = None
     if cfg is not None and cfg.source == "lite0":
         if pretrained in ("packaged", "DEFAULT"):
@@ -410,36 +426,89 @@ def load_model(
     layer = layer or (cfg.layer if cfg else None)
     if layer is None:
         raise ModelError(f"{name!r} is not a built-in model: pass layer='dotted.module.path' (the target layer)")
+
+    mean, std = (cfg.mean, cfg.std) if cfg else _timm_norm(net)
+    return wrap_model(
+        net, layer, name=name, mean=mean, std=std,
+        prefix_tokens=cfg.tokens if cfg else "auto",
+        input_size=cfg.input_size if cfg else (224, 224),
+        resize=cfg.resize if cfg else 256,
+        classes=classes if classes is not None else found_classes,
+        device=device,
+        info={"weights": pretrained if checkpoint is None else None,
+              "checkpoint": None if checkpoint is None or isinstance(checkpoint, Mapping) else str(checkpoint)},
+    )
+
+
+def wrap_model(
+    net: nn.Module,
+    layer: str,
+    *,
+    name: str = "custom",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    prefix_tokens: int | None | str = "auto",
+    tail="auto",
+    input_size: tuple[int, int] = (224, 224),
+    resize: int = 256,
+    classes: Sequence[str] | None = None,
+    device=None,
+    info: dict | None = None,
+) -> ModelBundle:
+    """Bundle any classifier `net` (normalised images → logits) for the saliency methods.
+
+    The network is frozen (eval mode, no parameter gradients) and wrapped so that it takes [0,1]
+    pixels, normalising with `mean`/`std` inside. layer: dotted path of the target layer in `net`.
+    prefix_tokens: for transformers, the number of leading tokens (class/distillation) to drop
+    before reshaping tokens to a square map; None for CNNs; "auto" reads timm's
+    `num_prefix_tokens`. tail: a function from the layer's output to logits (Ablation-CAM then runs
+    only it); "auto" finds one for torchvision ResNet/VGG and timm networks whose layer ends
+    `forward_features`; None for none. A tail is kept only if it reproduces the logits exactly on a
+    probe image; a tail passed explicitly that does not raises ModelError.
+    """
     try:
         net.get_submodule(layer)
     except AttributeError:
         names = [n for n, _ in net.named_modules() if n]
-        tail = names[-12:]
         raise ModelError(
-            f"layer {layer!r} does not exist in {name!r}; its last modules are {tail} "
+            f"layer {layer!r} does not exist in {name!r}; its last modules are {names[-12:]} "
             f"({len(names)} in all: list them with [n for n, _ in model.net.named_modules()])"
         ) from None
-
-    mean, std = (cfg.mean, cfg.std) if cfg else _timm_norm(net)
     model = freeze(Normalized(net, mean, std))
+    dtype = next(net.parameters()).dtype  # the normalisation follows e.g. a float64 network
+    model.mean, model.std = model.mean.to(dtype), model.std.to(dtype)
     if device is not None:
         model.to(device)
-    tokens = cfg.tokens if cfg else _prefix_tokens(net)
+    tokens = _prefix_tokens(net) if prefix_tokens == "auto" else prefix_tokens
     bundle = ModelBundle(
         name=name,
         model=model,
         layer=f"net.{layer}",
-        input_size=cfg.input_size if cfg else (224, 224),
-        resize=cfg.resize if cfg else 256,
-        classes=list(classes) if classes is not None else found_classes,
+        input_size=tuple(input_size),
+        resize=resize,
+        classes=list(classes) if classes is not None else None,
         reshape=tokens_to_map(tokens) if tokens is not None else None,
-        info={"weights": pretrained if checkpoint is None else None,
-              "checkpoint": None if checkpoint is None or isinstance(checkpoint, Mapping) else str(checkpoint)},
+        info=dict(info or {}),
     )
-    tail = _candidate_tail(net, layer)
-    if tail is not None and tokens is None and _verified_tail(model, bundle.layer, tail, bundle.input_size):
-        bundle.tail = tail
+    explicit = tail not in ("auto", None)
+    candidate = _candidate_tail(net, layer) if tail == "auto" else tail
+    if candidate is not None and tokens is None:
+        if _verified_tail(model, bundle.layer, candidate, bundle.input_size):
+            bundle.tail = candidate
+        elif explicit:
+            raise ModelError(f"the tail given for {name!r} does not reproduce the logits from layer {layer!r}")
     return bundle
+
+
+def _known_arch(name: str) -> bool:
+    import timm
+    import torchvision
+
+    try:
+        torchvision.models.get_model_builder(name)
+        return True
+    except ValueError:
+        return timm.is_model(name)
 
 
 def _timm_norm(net: nn.Module):

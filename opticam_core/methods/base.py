@@ -18,8 +18,10 @@ from ..models import ModelBundle
 class Explanation:
     """Saliency maps of one method for a batch.
 
-    maps: B×H×W in [0,1]. extras: per-image tensors of length B (always `constant`, True where
-    the raw map was constant and became zeros; method-specific diagnostics besides). seconds:
+    maps: B×H×W in [0,1]. extras: per-image tensors with B rows (always `constant`, True where
+    the raw map was constant: under min–max normalisation, every CAM's, it became zeros; Opti-CAM
+    with `max` gives zeros too, with `sigmoid` σ of the constant; method-specific diagnostics
+    besides, e.g. Opti-CAM's B×iterations `objective_history`). seconds:
     wall time of the method on this batch, including its share of passes it reused.
     """
 
@@ -97,38 +99,35 @@ class Context:
     def _forward_features(self):
         with torch.no_grad(), capture(self.bundle.target) as cap:
             logits = self.model(self.images)
-        return logits, self.bundle.features(cap.output)
+        return logits, self.bundle.features(cap.output), cap.output
+
+    def _pass(self):
+        """The richest pass computed so far (the backward also yields features and logits)."""
+        if "gradients" in self._cache:
+            feats, _, logits, raw = self._get("gradients", self._backward)
+            return logits, feats, raw
+        return self._get("forward", self._forward_features)
 
     def logits(self) -> torch.Tensor:
-        if "gradients" in self._cache:
-            return self._get("gradients", self._backward)[2]
-        return self._get("forward", self._forward_features)[0]
+        return self._pass()[0]
 
     def features(self) -> torch.Tensor:
-        if "gradients" in self._cache:
-            return self._get("gradients", self._backward)[0]
-        return self._get("forward", self._forward_features)[1]
+        return self._pass()[1]
 
     def raw_features(self) -> torch.Tensor:
         """The target layer's output before any token reshape (Ablation-CAM ablates it)."""
-        def run():
-            with torch.no_grad(), capture(self.bundle.target) as cap:
-                self.model(self.images)
-            return cap.output
-        if self.bundle.reshape is None:
-            return self.features()
-        return self._get("raw", run)
+        return self._pass()[2]
 
     def _backward(self):
         with torch.enable_grad(), capture(self.bundle.target, as_leaf=True) as cap:
             logits = self.model(self.images)
             score = logits.gather(1, self.targets[:, None]).sum()
             (grad,) = torch.autograd.grad(score, cap.output)
-        feats = self.bundle.features(cap.output.detach())
-        return feats, self.bundle.features(grad), logits.detach()
+        raw = cap.output.detach()
+        return self.bundle.features(raw), self.bundle.features(grad), logits.detach(), raw
 
     def gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, grads, _ = self._get("gradients", self._backward)
+        feats, grads, _, _ = self._get("gradients", self._backward)
         return feats, grads
 
     def chunk(self, default_cpu: int, default_gpu: int, requested: int | None) -> int:

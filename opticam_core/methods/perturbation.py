@@ -79,7 +79,8 @@ def ablationcam(ctx: Context, *, batch_size: int | None = None, use_tail: bool =
 
     with torch.no_grad():
         if tail is not None:
-            chunk = batch_size or max(1, TAIL_CHUNK_BYTES // (raw[0].numel() * raw.element_size()))
+            by_budget = max(1, TAIL_CHUNK_BYTES // (raw[0].numel() * raw.element_size()))
+            chunk = ctx.chunk(by_budget, by_budget, batch_size)
             for start in range(0, len(pairs), chunk):
                 b, k = pairs[start:start + chunk].unbind(1)
                 ablated[b, k] = _pick(tail(zero_channel(raw[b], k)), ctx.targets[b])
