@@ -1,0 +1,62 @@
+"""The paper's published numbers as data (paper.csv), and when a run's cell may be set beside them.
+
+paper.csv is a transcription of SPEC §5 and the poster's Figures 2–4 (ImageNet ILSVRC2012 val):
+``figure, model, method, metric, value`` with metric keys as `aggregate` returns them ("AD",
+"AD@box_and_map", "AD@box", …), methods as the project's keys, and the pseudo-methods ``box``
+(S := B) and ``not_box`` (S := I∖B) of Figure 4. ``timing`` holds the paper's seconds per image
+(its per-batch-of-8 times divided by 8; ResNet50, GPU unknown).
+
+A cell gets its paper value only when the run's dataset is ImageNet validation and its model one
+of the paper's four (by the model's key, aliases accepted): other data or models have no anchor.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from functools import lru_cache
+from importlib import resources
+
+PAPER_MODELS = ("resnet50", "vgg16_bn", "vit_base_patch16_224", "deit_base_patch16_224")
+MODEL_ALIASES = {"vgg16": "vgg16_bn", "vit_b": "vit_base_patch16_224", "vit-b": "vit_base_patch16_224",
+                 "vit_b16": "vit_base_patch16_224", "deit_b": "deit_base_patch16_224",
+                 "deit-b": "deit_base_patch16_224", "resnet-50": "resnet50"}
+#: Which figure a table's cell is compared with.
+FIGURES = ("fig2", "fig3", "fig4", "timing")
+
+
+@lru_cache(maxsize=1)
+def paper_values() -> dict[tuple[str, str, str, str], float]:
+    """(figure, model, method, metric) → the paper's value."""
+    text = resources.files("pipeline.report").joinpath("paper.csv").read_text(encoding="utf-8")
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    return {(r["figure"], r["model"], r["method"], r["metric"]): float(r["value"]) for r in csv.DictReader(lines)}
+
+
+def canonical_model(model: str) -> str | None:
+    """The paper's model key for a run's model key, or None if it is not one of the paper's."""
+    m = str(model).strip().lower()
+    m = MODEL_ALIASES.get(m, m)
+    return m if m in PAPER_MODELS else None
+
+
+def is_imagenet_val(dataset: str, split: str | None = None) -> bool:
+    """ImageNet validation by name: "imagenet" in the dataset's name, and a validation split
+    (the rows' ``split`` column, or "val" in the name when the split is unknown)."""
+    name = str(dataset).lower()
+    if "imagenet" not in name.replace("-", "").replace("_", ""):
+        return False
+    if split:
+        return str(split).lower() in ("val", "validation", "valid")
+    return re.search(r"val", name) is not None
+
+
+def paper_value(figure: str, dataset: str, model: str, method: str, metric: str, *,
+                split: str | None = None, force_datasets: tuple[str, ...] = ()) -> float | None:
+    """The paper's number for this cell, or None when the paper has none for this setting."""
+    if dataset not in force_datasets and not is_imagenet_val(dataset, split):
+        return None
+    key = canonical_model(model)
+    if key is None:
+        return None
+    return paper_values().get((figure, key, method, metric))
