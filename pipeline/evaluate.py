@@ -46,6 +46,8 @@ def decode_image(data: bytes) -> torch.Tensor:
     with img:
         if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
             arr = np.asarray(img, dtype=np.float64)
+            if not np.isfinite(arr).all():
+                raise ValueError("image has non-finite pixel values")
             peak = float(arr.max()) if arr.size else 0.0
             top = 65535.0 if img.mode.startswith("I;16") or peak > 255 else 1.0 if img.mode == "F" and peak <= 1 else 255.0
             arr = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)

@@ -131,8 +131,8 @@ def evaluate_plan(config: RunConfig, dataset: DatasetSpec, model: ModelSpec, sam
     c = config.compute
     fs, path = storage.filesystem(samples_uri)
     blocks = max(1, min(len(todo) // c.batch_size + 1, 64 * c.actors))
-    ds = ray.data.read_parquet(path, filesystem=fs, partitioning=None, override_num_blocks=blocks,
-                               columns=["sample_id", "split", "image", "label", "label_name", "boxes"])
+    ds = ray.data.read_parquet(path, filesystem=fs, partitioning=None, override_num_blocks=blocks)
+    ds = ds.select_columns(["sample_id", "split", "image", "label", "label_name", "boxes"])
     ds = ds.map_batches(_select, fn_kwargs={"ids": pa.array(sorted(todo), pa.string())}, batch_format="pyarrow",
                         batch_size=None, num_cpus=0.25)
     gpus = c.gpus_per_actor if _cluster_gpus() > 0 else 0
@@ -149,7 +149,8 @@ def evaluate_plan(config: RunConfig, dataset: DatasetSpec, model: ModelSpec, sam
         num_gpus=gpus or None, num_cpus=c.cpus_per_actor,
     )
     out_fs, out_path = storage.filesystem(plan_uri(config.output, config.run_id, dataset.name, model.key))
-    ds.write_parquet(out_path, filesystem=out_fs)
+    # About one file per batch: rows reach storage as batches finish, so a crash loses little.
+    ds.write_parquet(out_path, filesystem=out_fs, max_rows_per_file=c.batch_size * len(config.methods))
 
 
 def _cluster_gpus() -> float:
