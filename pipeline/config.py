@@ -59,6 +59,7 @@ class ComputeSpec:
     actors: int = 1
     gpus_per_actor: float = 0
     cpus_per_actor: float = 1
+    resources: dict = field(default_factory=dict)  # custom Ray resources per actor (node types)
 
 
 @dataclass
@@ -244,7 +245,10 @@ def _compute(c: _Checker, raw) -> ComputeSpec:
         "gpus_per_actor": c.number("compute.gpus_per_actor", d.get("gpus_per_actor", spec.gpus_per_actor), minimum=0),
         "cpus_per_actor": c.number("compute.cpus_per_actor", d.get("cpus_per_actor", spec.cpus_per_actor), minimum=0),
     }
-    return ComputeSpec(**{k: v for k, v in values.items() if v is not None})
+    resources = c.mapping("compute.resources", d.get("resources"))
+    for name, amount in resources.items():
+        c.number(f"compute.resources.{name}", amount, minimum=0)
+    return ComputeSpec(**{k: v for k, v in values.items() if v is not None}, resources=resources)
 
 
 def parse_config(raw: Mapping[str, Any], *, run_id: str | None = None, output: str | None = None) -> RunConfig:

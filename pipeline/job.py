@@ -130,11 +130,14 @@ def evaluate_plan(config: RunConfig, dataset: DatasetSpec, model: ModelSpec, sam
 
     c = config.compute
     fs, path = storage.filesystem(samples_uri)
-    blocks = max(1, min(len(todo) // c.batch_size + 1, 64 * c.actors))
-    ds = ray.data.read_parquet(path, filesystem=fs, partitioning=None, override_num_blocks=blocks)
+    ds = ray.data.read_parquet(path, filesystem=fs, partitioning=None)
     ds = ds.select_columns(["sample_id", "split", "image", "label", "label_name", "boxes"])
     ds = ds.map_batches(_select, fn_kwargs={"ids": pa.array(sorted(todo), pa.string())}, batch_format="pyarrow",
                         batch_size=None, num_cpus=0.25)
+    # Parquet reads bin-pack row groups into ~128 MiB blocks; one block would be one actor task
+    # whose rows come out only at its end. Blocks of one batch each spread the work over the
+    # actors and stream the rows to storage batch by batch.
+    ds = ds.repartition(target_num_rows_per_block=c.batch_size)
     gpus = c.gpus_per_actor if _cluster_gpus() > 0 else 0
     ds = ds.map_batches(
         Evaluator,
@@ -146,7 +149,7 @@ def evaluate_plan(config: RunConfig, dataset: DatasetSpec, model: ModelSpec, sam
         ),
         batch_size=c.batch_size, batch_format="pyarrow",
         compute=ActorPoolStrategy(size=c.actors),
-        num_gpus=gpus or None, num_cpus=c.cpus_per_actor,
+        num_gpus=gpus or None, num_cpus=c.cpus_per_actor, resources=c.resources or None,
     )
     out_fs, out_path = storage.filesystem(plan_uri(config.output, config.run_id, dataset.name, model.key))
     # About one file per batch: rows reach storage as batches finish, so a crash loses little.

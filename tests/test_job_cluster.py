@@ -1,0 +1,173 @@
+"""The job on real Ray clusters: `ray job submit` to a head started with `ray start`, work spread
+over several nodes (ray.cluster_utils.Cluster), a node lost mid-run, a driver killed mid-run.
+Every check is on the rows: each (sample, method) exactly once, none missing."""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+import yaml
+
+from pipeline.config import load_config
+from pipeline.job import plan_uri, run, run_uri
+from tests._samples import photo_rows, toy_config, write_samples
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+VENV_BIN = Path(sys.executable).parent
+METHODS = {"fakecam": {}, "gradcam": {}}
+
+
+def rows_of(uri: str):
+    return pads.dataset(uri, format="parquet", partitioning=None).to_table(
+        columns=["sample_id", "method", "error"]).to_pandas()
+
+
+def assert_complete(uri: str, n_samples: int, methods=METHODS):
+    df = rows_of(uri)
+    counts = collections.Counter(zip(df.sample_id, df.method))
+    assert len(counts) == n_samples * len(methods), f"{len(counts)} distinct rows, expected {n_samples * len(methods)}"
+    assert set(counts.values()) == {1}, "a row was written twice"
+    assert df.error.isna().all()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_with_venv() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_AUTH_MODE"] = "token"  # Ray 2.60 turns token auth on for local clusters
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.fixture(autouse=True)
+def no_ray_in_process():
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def test_ray_job_submit_to_a_head_on_loopback(tmp_path):
+    samples = write_samples(tmp_path / "samples", photo_rows(6), row_group=2)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(toy_config(str(samples), str(tmp_path / "out"), methods=METHODS)))
+    env = env_with_venv()
+    port, dash = free_port(), free_port()
+    ray_bin = str(VENV_BIN / "ray")
+    start = subprocess.run(
+        [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert start.returncode == 0, start.stdout + start.stderr
+    try:
+        submit = subprocess.run(
+            [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--submission-id=opticam-test-1",
+             "--", str(VENV_BIN / "opticam"), "run", str(config), "--run-id", "submitted"],
+            env=env, capture_output=True, text=True, timeout=900)
+        log = submit.stdout + submit.stderr
+        assert submit.returncode == 0, log
+        assert "succeeded" in log.lower()
+        assert "12 rows succeeded, 0 failed" in log
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    assert_complete(run_uri(str(tmp_path / "out"), "submitted"), 6)
+
+
+def test_work_spreads_over_nodes_and_survives_losing_one(tmp_path):
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    n = 24
+    samples = write_samples(tmp_path / "samples", photo_rows(n), row_group=2)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    workers = [cluster.add_node(num_cpus=2, resources={"evaluator": 2}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    try:
+        ray.init(address=cluster.address)
+        spec = toy_config(str(samples), str(tmp_path / "out"), methods=METHODS, actors=2, batch_size=2)
+        # one actor per worker node: each needs more than half of a node's "evaluator" slots
+        spec["compute"]["resources"] = {"evaluator": 1.5}
+        cfg = load_config(spec, run_id="spread")
+        run(cfg, log=lambda *_: None)
+        assert_complete(run_uri(cfg.output, "spread"), n)
+        actors = [a for a in list_actors(detail=True, limit=1000) if "MapWorker" in (a.class_name or "")]
+        worker_ids = {w.node_id for w in workers}
+        used = {a.node_id for a in actors if a.node_id in worker_ids}
+        assert used == worker_ids, f"actors ran on {used}, expected both worker nodes"
+
+        # Now lose a node mid-run: the job finishes on the survivor, nothing lost, nothing twice.
+        spec["compute"]["resources"] = {"evaluator": 1}
+        cfg = load_config(spec, run_id="lose-node")
+        dest = plan_uri(cfg.output, "lose-node", "toy", "test_efficientnet")
+        errors = []
+
+        def go():
+            try:
+                run(cfg, log=lambda *_: None)
+            except Exception as err:  # reported below
+                errors.append(err)
+
+        job = threading.Thread(target=go)
+        job.start()
+        deadline = time.time() + 600
+        while time.time() < deadline and not (os.path.isdir(dest) and any(f.endswith(".parquet") for f in os.listdir(dest))):
+            time.sleep(0.5)
+        cluster.remove_node(workers[1])
+        job.join(timeout=900)
+        assert not job.is_alive(), "the job did not finish after losing a node"
+        assert not errors, errors
+        assert_complete(run_uri(cfg.output, "lose-node"), n)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_a_killed_driver_costs_time_not_rows(tmp_path):
+    n = 16
+    samples = write_samples(tmp_path / "samples", photo_rows(n), row_group=1)
+    spec = toy_config(str(samples), str(tmp_path / "out"), methods=METHODS, batch_size=1)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    dest = plan_uri(str(tmp_path / "out"), "killed", "toy", "test_efficientnet")
+    env = env_with_venv()
+    proc = subprocess.Popen([str(VENV_BIN / "opticam"), "run", str(config), "--run-id", "killed"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            files = [f for f in os.listdir(dest)] if os.path.isdir(dest) else []
+            if len([f for f in files if f.endswith(".parquet")]) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run finished before it could be killed; give it more work"
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, at once
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    before = rows_of(run_uri(str(tmp_path / "out"), "killed"))
+    assert 0 < len(before) < n * len(METHODS)
+    summary = run(load_config(spec, run_id="killed"), log=lambda *_: None)
+    assert summary.computed == n * len(METHODS) - len(before)
+    assert_complete(run_uri(str(tmp_path / "out"), "killed"), n)
+    shutil.rmtree(tmp_path / "out", ignore_errors=True)
