@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test bench clean
+TORCHRAY := $(VENV)/.torchray
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +19,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/opticam demo
 
-test: $(STAMP)
+# TorchRay, the peer for extremal perturbation, only for its parity tests: --no-deps because its
+# declared dependencies (pycocotools, pymongo, ...) are not needed by the code the tests use.
+$(TORCHRAY): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps torchray
+	touch $(TORCHRAY)
+
+test: $(STAMP) $(TORCHRAY)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -77,9 +77,17 @@ class Normalized(nn.Module):
         self.net = net
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        # Convolutions run markedly faster in channels-last layout on CPUs (oneDNN) and GPUs
+        # (tensor cores); the values are the same, only the memory order changes.
+        self.channels_last = any(isinstance(m, nn.Conv2d) for m in net.modules())
+        if self.channels_last:
+            net.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
+        x = (x - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
 
 
 def tokens_to_map(prefix_tokens: int) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -1,0 +1,164 @@
+"""Speed of every saliency method as time over its floor, and against pytorch-grad-cam.
+
+    python -m benchmarks.methods                  # EfficientNet-Lite0 and ResNet50, batch 8, CPU (+ GPU)
+    python -m benchmarks.methods --quick          # fewer iterations / channels, minutes instead of an hour
+
+The floor of a method is the forwards and backwards its algorithm cannot avoid, timed in the same
+run on the same batch: gradient CAMs one forward + backward; Opti-CAM and extremal perturbation
+`iterations` × (forward + backward to the input); Score-CAM K masked forwards per image (run in
+the chunk size Score-CAM itself uses). Ablation-CAM is compared with pytorch-grad-cam's
+AblationCAM, which runs K full forwards per image where ours runs only the network's tail.
+Targets (issue 2): Opti-CAM ≤ 1.2× floor; the five gradient CAMs together ≤ 1.3× one Grad-CAM;
+Score-CAM ≤ 1.15× floor; Ablation-CAM ≥ 10× faster than pytorch-grad-cam's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from opticam_core import explain, load_model
+from opticam_core.methods import GRADIENT_METHODS
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn, device, repeat=3, warmup=1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def forward_backward(bundle, x, t):
+    """One forward and one backward to the input: the unit of Opti-CAM's and extremal's cost."""
+    def step():
+        xi = x.detach().requires_grad_(True)
+        y = bundle.model(xi).gather(1, t[:, None]).sum()
+        torch.autograd.grad(y, xi)
+    return step
+
+
+def forwards(bundle, x, n_images: int, chunk: int):
+    """`n_images` plain no-grad forwards in chunks of `chunk` (Score-CAM's floor)."""
+    def run():
+        with torch.no_grad():
+            done = 0
+            while done < n_images:
+                k = min(chunk, n_images - done)
+                bundle.model(x[:1].expand(k, -1, -1, -1) * 0.5)
+                done += k
+    return run
+
+
+def row(name, seconds, images, floor=None, target=None):
+    ratio = f"{seconds / floor:6.2f}x" if floor else "     -"
+    tgt = target or ""
+    return f"  {name:<34} {images / seconds:9.2f} img/s  {seconds:9.3f} s  floor {floor or 0:9.3f} s  {ratio}  {tgt}"
+
+
+def bench_model(name, bundle, device, batch, args):
+    torch.manual_seed(0)
+    x = torch.rand(batch, 3, 224, 224, device=device)
+    with torch.no_grad():
+        t = bundle.model(x).argmax(1)
+    print(f"\n{name} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+          f"batch {batch}, 224x224, torch threads {torch.get_num_threads()}")
+    fb = timeit(forward_backward(bundle, x, t), device)
+    print(row("floor: 1 forward + backward", fb, batch))
+
+    # Gradient CAMs: one pass serves all five.
+    one = timeit(lambda: explain(bundle, x, t, "gradcam"), device)
+    five = timeit(lambda: explain(bundle, x, t, list(GRADIENT_METHODS)), device)
+    print(row("gradcam", one, batch, fb, "(floor: fwd+bwd)"))
+    print(row("5 gradient CAMs together", five, batch, one, "target <= 1.3x one Grad-CAM"))
+    print(row("fakecam", timeit(lambda: explain(bundle, x, t, "fakecam"), device), batch))
+
+    # Opti-CAM: iterations × (forward + backward to the input).
+    it = args.iterations
+    opt = timeit(lambda: explain(bundle, x, t, "opticam", iterations=it), device, repeat=1)
+    print(row(f"opticam ({it} iterations)", opt, batch, it * fb, "target <= 1.2x"))
+
+    # Extremal perturbation: the same unit per iteration.
+    eit = args.extremal_iterations
+    ext = timeit(lambda: explain(bundle, x, t, "extremal", iterations=eit), device, repeat=1, warmup=0)
+    print(row(f"extremal ({eit} iterations)", ext, batch, eit * fb))
+
+    # Score-CAM: K masked forwards per image, on `scorecam_images` images (it is the slow one).
+    n = min(args.scorecam_images, batch)
+    xs, ts = x[:n], t[:n]
+    with torch.no_grad():
+        from opticam_core.hooks import capture
+        with capture(bundle.target) as cap:
+            bundle.model(xs[:1])
+        K = bundle.features(cap.output).shape[1]
+    chunk = 128 if device.type == "cuda" else 32
+    floor_sc = timeit(forwards(bundle, xs, n * K, chunk), device, repeat=1)
+    sc = timeit(lambda: explain(bundle, xs, ts, "scorecam"), device, repeat=1)
+    print(row(f"scorecam ({n} images x {K} channels)", sc, n, floor_sc, "target <= 1.15x"))
+
+    abl = timeit(lambda: explain(bundle, xs, ts, "ablationcam"), device, repeat=1)
+    print(row(f"ablationcam ({n} images, tail={'yes' if bundle.tail else 'no'})", abl, n, floor_sc,
+              "(floor: K full forwards, what the peer runs)"))
+    if args.peers:
+        peer_rows(bundle, xs, ts, device, n, sc, abl)
+
+
+def peer_rows(bundle, x, t, device, n, ours_sc, ours_abl):
+    """pytorch-grad-cam on the same model (normalisation inside) and input."""
+    import copy
+
+    from pytorch_grad_cam import AblationCAM, GradCAM, ScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = copy.deepcopy(bundle.model)
+    for p in model.parameters():
+        p.requires_grad_(True)  # the peer needs grads to register its hooks
+    layer = [model.get_submodule(bundle.layer)]
+    targets = [ClassifierOutputTarget(int(c)) for c in t]
+    for cls, ours, label in ((ScoreCAM, ours_sc, "scorecam"), (AblationCAM, ours_abl, "ablationcam")):
+        cam = cls(model=model, target_layers=layer)
+        cam.batch_size = 32
+        seconds = timeit(lambda: cam(input_tensor=x, targets=targets), device, repeat=1, warmup=0)
+        print(f"  peer pytorch-grad-cam {label:<12} {n / seconds:9.2f} img/s  {seconds:9.3f} s"
+              f"  ours is {seconds / ours:6.1f}x faster")
+    g = GradCAM(model=model, target_layers=layer)
+    seconds = timeit(lambda: g(input_tensor=x, targets=targets), device)
+    print(f"  peer pytorch-grad-cam gradcam      {n / seconds:9.2f} img/s  {seconds:9.3f} s")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["efficientnet_lite0", "resnet50"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--iterations", type=int, default=100, help="Opti-CAM iterations")
+    p.add_argument("--extremal-iterations", type=int, default=50)
+    p.add_argument("--scorecam-images", type=int, default=1, help="images for Score-CAM/Ablation-CAM")
+    p.add_argument("--no-peers", dest="peers", action="store_false")
+    p.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when present")
+    p.add_argument("--quick", action="store_true", help="20 Opti-CAM, 10 extremal iterations")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.iterations, args.extremal_iterations = 20, 10
+    devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    for dev in devices:
+        device = torch.device(dev)
+        for name in args.models:
+            bundle = load_model(name, weights="default" if name == "efficientnet_lite0" else None, device=device)
+            bench_model(name, bundle, device, args.batch, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The Ray job's throughput against the same work done directly in one process, and its scaling.
+
+    python -m benchmarks.pipeline                       # 32 photos, 1 actor vs in-process
+    python -m benchmarks.pipeline --scaling 1 2 4       # also 1, 2, 4 actors on a simulated cluster
+
+Both sides run the same `Evaluator` (same methods, metrics, batch size) on the same samples:
+in-process it is called batch by batch; in the job it runs in Ray Data actors with reading,
+selection and Parquet writing around it. The photos are ../shared/data/imagenet-sample when it
+exists (real ImageNet photos), else the demo's packaged photos repeated. Target (issue 4): the
+job on one node reaches >= 85% of the in-process images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.schema import SAMPLES
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+
+
+def sample_rows(n: int) -> list[dict]:
+    if (SHARED / "labels.csv").is_file():
+        import csv
+
+        from PIL import Image
+
+        rows = []
+        with open(SHARED / "labels.csv") as fh:
+            for rec in list(csv.DictReader(fh))[:n]:
+                data = (SHARED / rec["file"]).read_bytes()
+                with Image.open(SHARED / rec["file"]) as img:
+                    w, h = img.size
+                rows.append(dict(sample_id=rec["file"], dataset="bench", split="val", image=data,
+                                 label=int(rec["class_index"]), label_name=rec["name"], boxes=[], width=w, height=h))
+        return rows
+    from pipeline.demo.samples import demo_rows
+
+    base = demo_rows()
+    return [{**base[i % len(base)], "sample_id": f"{base[i % len(base)]['sample_id']}-{i}", "dataset": "bench"}
+            for i in range(n)]
+
+
+def config(samples: str, output: str, args, actors: int) -> dict:
+    return {
+        "output": output,
+        "datasets": [{"name": "bench", "uri": samples}],
+        "models": [{"name": args.model}],
+        "methods": {"fakecam": {}, "gradcam": {}, "gradcampp": {}, "opticam": {"iterations": args.iterations}},
+        "metrics": {"classification": {}, "insertion_deletion": {"steps": args.steps}},
+        "compute": {"batch_size": args.batch, "actors": actors, "cpus_per_actor": args.cpus_per_actor},
+        "save_maps": "png",
+    }
+
+
+def in_process(rows, cfg) -> float:
+    from pipeline.config import load_config
+    from pipeline.evaluate import Evaluator
+
+    c = load_config(cfg, run_id="inproc")
+    t0 = time.perf_counter()
+    ev = Evaluator(run_id="inproc", dataset="bench", model={"name": c.models[0].name, "key": c.models[0].key},
+                   methods=c.methods, metrics=c.metrics, save_maps=c.save_maps, threads=int(c.compute.cpus_per_actor))
+    table = pa.Table.from_pylist(rows, schema=SAMPLES)
+    for start in range(0, len(rows), c.compute.batch_size):
+        ev(table.slice(start, c.compute.batch_size))
+    return time.perf_counter() - t0
+
+
+def ray_job(cfg, run_id: str) -> float:
+    from pipeline.config import load_config
+    from pipeline.job import run
+
+    t0 = time.perf_counter()
+    run(load_config(cfg, run_id=run_id), log=lambda *_: None)
+    return time.perf_counter() - t0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=32)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("--iterations", type=int, default=20, help="Opti-CAM iterations")
+    p.add_argument("--steps", type=int, default=56, help="insertion/deletion steps")
+    p.add_argument("--cpus-per-actor", type=float, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--scaling", type=int, nargs="*", default=[], help="actor counts on a simulated cluster")
+    args = p.parse_args(argv)
+
+    import ray
+
+    work = Path(tempfile.mkdtemp(prefix="opticam-bench-"))
+    try:
+        rows = sample_rows(args.images)
+        (work / "samples").mkdir()
+        pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLES), work / "samples" / "part-0.parquet",
+                       row_group_size=args.batch)
+        cfg = config(str(work / "samples"), str(work / "out"), args, actors=1)
+        base = in_process(rows, cfg)
+        print(f"{len(rows)} images, {args.model}, batch {args.batch}, methods {list(cfg['methods'])}, "
+              f"metrics {list(cfg['metrics'])}")
+        print(f"  in-process            {len(rows) / base:7.3f} img/s  ({base:.1f} s)")
+        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False)
+        job = ray_job(cfg, "one-actor")
+        print(f"  Ray job, 1 actor      {len(rows) / job:7.3f} img/s  ({job:.1f} s)  "
+              f"= {base / job:.0%} of in-process (target >= 85%)")
+        ray.shutdown()
+        if args.scaling:
+            from ray.cluster_utils import Cluster
+
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+            for _ in range(max(args.scaling)):
+                cluster.add_node(num_cpus=max(1, int(args.cpus_per_actor)))
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address)
+            for n in args.scaling:
+                seconds = ray_job(config(str(work / "samples"), str(work / "out"), args, actors=n), f"actors-{n}")
+                print(f"  simulated cluster, {n} actor(s) {len(rows) / seconds:7.3f} img/s  ({seconds:.1f} s)")
+            ray.shutdown()
+            cluster.shutdown()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
