@@ -20,9 +20,10 @@ FIELDS: dict[str, tuple[str, str]] = {
     "deletion_curve": ("floats", "probability of pred after each deletion step (steps+1 points)"),
     # localization (needs boxes)
     "has_box": ("bool", "the image has at least one ground-truth box of its class"),
+    "boxes_dropped": ("int", "ground-truth boxes that the resize/crop left with no area (transform_boxes)"),
     "loc_iou": ("float", "best IoU of the largest-component box at the mean threshold with a GT box"),
-    "pointing": ("bool", "argmax of S inside the union of GT boxes (tolerance 0)"),
-    "pointing_tol": ("bool", "argmax of S within 15 px of the union of GT boxes"),
+    "pointing": ("bool", "a maximum of S inside the union of GT boxes (tolerance 0; ties: any maximum)"),
+    "pointing_tol": ("bool", "a maximum of S within 15 px of the union of GT boxes"),
     "energy": ("float", "energy pointing game Σ_U S / Σ S (= F1's precision)"),
     "recall": ("float", "F1's recall Σ_U S / |U|"),
     "box_iou": ("floats", "best IoU at thresholds η = 0, 0.01, …, 0.99 (box accuracy)"),

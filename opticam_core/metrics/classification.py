@@ -1,0 +1,159 @@
+"""Classification metrics (SPEC §4): p and o, AD / AI / AG, and the bounding-box study.
+
+p = softmax probability of the target class c on the image x, o = the same on x ⊙ S, the map
+multiplying pixels in [0,1] space (the bundle normalises inside). Per image:
+
+    drop = max(p − o, 0) / p        increase = 1[p < o]        gain = max(o − p, 0) / (1 − p)
+
+A term whose denominator is 0 (p = 0 for drop, p = 1 for gain) has a zero numerator as well and
+is undefined (NaN): the averages leave it out by default, as the Opti-CAM authors' code does
+(nanmean), or count it as 0 with `undefined="zero"`. p and o come as float64 from float64
+log-softmax, so p = 1 needs a logit gap above ~37 and is rare.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..boxes import check_boxes, box_counts, union_mask
+from ._forward import chunked_log_probs, class_log_probs, resolve_batch_size
+
+UNDEFINED = ("exclude", "zero")
+
+
+def check_batch(bundle, images: torch.Tensor, maps: torch.Tensor | None = None, targets=None):
+    """Validate and move to the bundle's device: images B×3×H×W float in [0,1], maps B×H×W."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a B×3×H×W tensor, got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be float in [0,1], got {images.dtype}")
+    dev = bundle.device if bundle is not None else images.device
+    images = images.to(dev)
+    B, _, H, W = images.shape
+    if maps is not None:
+        if maps.dim() == 4 and maps.shape[1] == 1:
+            maps = maps[:, 0]
+        if maps.shape != (B, H, W):
+            raise ValueError(f"maps must be B×H×W = {(B, H, W)} to match the images, got {tuple(maps.shape)}")
+        maps = maps.to(dev, torch.float32)
+    if targets is not None:
+        targets = torch.as_tensor(targets, device=dev).long().reshape(-1)
+        if targets.numel() != B:
+            raise ValueError(f"{targets.numel()} targets for {B} images")
+    return images, maps, targets
+
+
+@torch.no_grad()
+def clean_logits_of(bundle, images: torch.Tensor, clean_logits: torch.Tensor | None = None) -> torch.Tensor:
+    if clean_logits is not None:
+        if clean_logits.shape[0] != images.shape[0]:
+            raise ValueError(f"clean_logits has {clean_logits.shape[0]} rows for {images.shape[0]} images")
+        return clean_logits.to(images.device)
+    return bundle.model(images)
+
+
+@torch.no_grad()
+def confidence(bundle, images: torch.Tensor, maps: torch.Tensor, targets, *,
+               clean_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, o): float64 probabilities of `targets` on x and on x ⊙ S, each of length B.
+
+    clean_logits: the logits of the clean images when the caller has them (saves a forward).
+    """
+    home = images.device
+    images, maps, targets = check_batch(bundle, images, maps, targets)
+    logits = clean_logits_of(bundle, images, clean_logits)
+    p = class_log_probs(logits, targets).exp()
+    o = class_log_probs(bundle.model(images * maps[:, None]), targets).exp()
+    return p.to(home), o.to(home)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-image terms and their averages
+
+
+def _pair(p, o) -> tuple[torch.Tensor, torch.Tensor]:
+    p = torch.as_tensor(p, dtype=torch.float64)
+    o = torch.as_tensor(o, dtype=torch.float64, device=p.device)
+    return p, o
+
+
+def drop_terms(p, o) -> torch.Tensor:
+    """max(p − o, 0) / p per image; NaN where p = 0."""
+    p, o = _pair(p, o)
+    return torch.where(p > 0, (p - o).clamp_min(0) / torch.where(p > 0, p, 1.0), float("nan"))
+
+
+def increase_terms(p, o) -> torch.Tensor:
+    """1[p < o] per image (float64; NaN where p or o is NaN)."""
+    p, o = _pair(p, o)
+    return torch.where(torch.isnan(p) | torch.isnan(o), float("nan"), (p < o).double())
+
+
+def gain_terms(p, o) -> torch.Tensor:
+    """max(o − p, 0) / (1 − p) per image; NaN where p = 1."""
+    p, o = _pair(p, o)
+    q = 1 - p
+    return torch.where(q > 0, (o - p).clamp_min(0) / torch.where(q > 0, q, 1.0), float("nan"))
+
+
+def mean_percent(terms: torch.Tensor, undefined: str = "exclude") -> tuple[float, int]:
+    """(100 · mean of the terms, images used). NaN terms: left out, or counted as 0."""
+    if undefined not in UNDEFINED:
+        raise ValueError(f"undefined must be one of {UNDEFINED}, got {undefined!r}")
+    terms = torch.as_tensor(terms, dtype=torch.float64).reshape(-1)
+    if undefined == "zero":
+        terms = torch.nan_to_num(terms, nan=0.0)
+    ok = ~torch.isnan(terms)
+    n = int(ok.sum())
+    return (100.0 * float(terms[ok].mean()) if n else float("nan")), n
+
+
+def average_drop(p, o, *, undefined: str = "exclude") -> float:
+    """AD in percent: 100/N · Σ max(p − o, 0)/p."""
+    return mean_percent(drop_terms(p, o), undefined)[0]
+
+
+def average_increase(p, o) -> float:
+    """AI in percent: 100/N · Σ 1[p < o]."""
+    return mean_percent(increase_terms(p, o))[0]
+
+
+def average_gain(p, o, *, undefined: str = "exclude") -> float:
+    """AG in percent: 100/N · Σ max(o − p, 0)/(1 − p)."""
+    return mean_percent(gain_terms(p, o), undefined)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The bounding-box study (the paper's Figure 4)
+
+BOX_STUDY = ("o_box_and_map", "o_map_minus_box", "o_box", "o_not_box")
+
+
+@torch.no_grad()
+def box_study(bundle, images: torch.Tensor, maps: torch.Tensor, boxes, targets, *,
+              method_free: bool = True, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+    """o of the target class under four masks built from M, the union mask of the GT boxes:
+    S·M (B∩S), S·(1−M) (S∖B), M (S := B) and 1−M (S := I∖B). float64, NaN for images without
+    boxes. AD/AG/AI of each come from these and p (see `aggregate`).
+
+    method_free=False skips the last two, which do not depend on the map (a caller evaluating
+    several methods on one batch needs them once)."""
+    home = images.device
+    images, maps, targets = check_batch(bundle, images, maps, targets)
+    B, _, H, W = images.shape
+    padded = check_boxes(boxes, B, device=images.device)
+    M = union_mask(padded, (H, W)).float()
+    masks = torch.stack([maps * M, maps * (1 - M), M, 1 - M][:4 if method_free else 2])  # k×B×H×W
+    k = len(masks)
+    bs = resolve_batch_size(batch_size, images.device)
+
+    def build(part: slice):
+        k = torch.arange(part.start, part.stop, device=images.device)
+        which, img = k // B, k % B
+        return images[img] * masks[which, img][:, None], targets[img]
+
+    o = chunked_log_probs(bundle.model, k * B, build, bs, images.device).exp().view(k, B)
+    has = M.flatten(1).any(1) & (box_counts(padded) > 0)
+    o = torch.where(has[None], o, float("nan"))
+    return {name: o[i].to(home) for i, name in enumerate(BOX_STUDY[:k])}
