@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test bench clean
-TORCHRAY := $(VENV)/.torchray
+PEERS := $(VENV)/.peers
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,13 +19,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/opticam demo
 
-# TorchRay, the peer for extremal perturbation, only for its parity tests: --no-deps because its
-# declared dependencies (pycocotools, pymongo, ...) are not needed by the code the tests use.
-$(TORCHRAY): $(STAMP)
-	$(PY) -m pip install --quiet --no-deps torchray
-	touch $(TORCHRAY)
+# Peers for parity tests only, without their declared dependencies, which the code the tests
+# use does not need: TorchRay (extremal perturbation; pulls pycocotools, pymongo) and Quantus
+# (pointing games; pulls opencv-python, which clashes with the headless OpenCV installed here).
+$(PEERS): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps torchray quantus
+	touch $(PEERS)
 
-test: $(STAMP) $(TORCHRAY)
+test: $(STAMP) $(PEERS)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -98,7 +98,7 @@ def default_run_id() -> str:
 def _metric_options() -> dict[str, object]:
     sig = inspect.signature(compute_metrics)
     return {n: p.default for n, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY
-            and n not in ("which", "clean_logits")}
+            and n not in ("which", "clean_logits", "method_free")}
 
 
 class _Checker:

@@ -73,6 +73,7 @@ class Prepared:
     index: list[int]             # positions in the batch
     images: torch.Tensor | None  # B×3×H×W in [0,1]
     boxes: list[torch.Tensor]    # per image, m×4 in preprocessed pixels
+    dropped: list[int]           # per image, boxes the crop left with no area
     failed: dict[int, str]       # position → error message
 
 
@@ -117,7 +118,7 @@ class Evaluator:
     # -- decoding ---------------------------------------------------------------------------
 
     def prepare(self, images: list[bytes], boxes: list) -> Prepared:
-        index, tensors, out_boxes, failed = [], [], [], {}
+        index, tensors, out_boxes, dropped, failed = [], [], [], [], {}
         size, resize = self.bundle.input_size, self.bundle.resize
         for i, (data, bxs) in enumerate(zip(images, boxes)):
             try:
@@ -130,15 +131,16 @@ class Evaluator:
                 coords = [[b["x0"], b["y0"], b["x1"], b["y1"]] for b in (bxs or [])]
                 if any(not np.isfinite(c).all() for c in coords):
                     raise ValueError("box with non-finite coordinates")
-                kept, _dropped = transform_boxes(coords, raw.shape[1], raw.shape[2], resize=resize, size=size)
+                kept, n_dropped = transform_boxes(coords, raw.shape[1], raw.shape[2], resize=resize, size=size)
             except Exception as err:  # one bad sample must not cost the batch
                 failed[i] = _short(err)
                 continue
             index.append(i)
             tensors.append(x)
             out_boxes.append(kept)
+            dropped.append(n_dropped)
         stacked = torch.stack(tensors).to(self.device) if tensors else None
-        return Prepared(index, stacked, out_boxes, failed)
+        return Prepared(index, stacked, out_boxes, dropped, failed)
 
     # -- methods and metrics ------------------------------------------------------------------
 
@@ -214,13 +216,18 @@ class Evaluator:
         methods = [m for m in self.methods if any(m in wanted[i] for i in positions)]
         with torch.no_grad():
             clean = self.bundle.model(images)
+        dropped = torch.tensor([prep.dropped[j] for j in ok])
+        method_free: dict[str, torch.Tensor] = {}  # S:=B and S:=I∖B do not depend on the method
         for key, (expl, errors) in self._explain(images, targets, methods).items():
             try:
                 values = compute_metrics(self.bundle, images, targets, expl.maps, boxes, which=self.groups,
-                                         clean_logits=clean, **self.metric_options)
+                                         clean_logits=clean, method_free=not method_free, **self.metric_options)
+                if "box_study" in self.groups:
+                    method_free = method_free or {k: values[k] for k in ("o_box", "o_not_box")}
+                    values.update(method_free)
             except Exception as err:
                 values, errors = None, {j: _short(err) for j in range(len(ok))}
-            per_image = _to_numpy({**(values or {}), **expl.extras})
+            per_image = _to_numpy({**(values or {}), **expl.extras, "boxes_dropped": dropped})
             maps = expl.maps.detach().float().cpu().numpy() if self.save_maps else None
             seconds = expl.seconds / len(ok)
             for j, i in enumerate(positions):

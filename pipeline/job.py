@@ -205,7 +205,9 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)))
 
 
-def _write_manifest(config: RunConfig, **extra) -> None:
+def _write_manifest(config: RunConfig, samples: dict[str, str] | None = None, **extra) -> None:
+    """OUT/run=ID/_run.json: the resolved config (datasets' `uri` where their samples really are,
+    `source` what the config said), start and end, row counts; the report reads it."""
     uri = storage.join(run_uri(config.output, config.run_id), MANIFEST)
     old = {}
     if storage.exists(uri):
@@ -213,7 +215,10 @@ def _write_manifest(config: RunConfig, **extra) -> None:
             old = json.loads(storage.read_text(uri))
         except ValueError:
             old = {}
-    manifest = {**old, "run_id": config.run_id, "config": config.to_dict(), **extra}
+    resolved = config.to_dict()
+    for d in resolved["datasets"]:
+        d["source"], d["uri"] = d["uri"], (samples or {}).get(d["name"], d["uri"])
+    manifest = {**old, "run_id": config.run_id, "config": resolved, **extra}
     storage.write_text(uri, json.dumps(manifest, indent=2, default=str))
 
 
@@ -235,11 +240,12 @@ def run(config: RunConfig, *, address: str | None = None, log=print) -> RunSumma
     t0 = time.perf_counter()
     ensure_ray(address)
     started = datetime.now(timezone.utc).isoformat()
-    _write_manifest(config, started=started, finished=None, status="running")
+    samples = {d.name: resolve_samples(config, d) for d in config.datasets}
+    _write_manifest(config, samples, started=started, finished=None, status="running")
     summary = RunSummary(config.run_id, run_uri(config.output, config.run_id))
     methods = list(config.methods)
     for dataset, model in config.pairs():
-        samples_uri = resolve_samples(config, dataset)
+        samples_uri = samples[dataset.name]
         dest = plan_uri(config.output, config.run_id, dataset.name, model.key)
         todo = missing_work(dataset, samples_uri, methods, existing_rows(dest))
         pending = sum(len(v) for v in todo.values())
@@ -249,7 +255,7 @@ def run(config: RunConfig, *, address: str | None = None, log=print) -> RunSumma
             summary.computed += pending
     summary.counts = count_rows(config)
     summary.seconds = time.perf_counter() - t0
-    _write_manifest(config, finished=datetime.now(timezone.utc).isoformat(), status="finished",
+    _write_manifest(config, samples, finished=datetime.now(timezone.utc).isoformat(), status="finished",
                     rows_ok=summary.ok, rows_failed=summary.failed)
     return summary
 

@@ -16,13 +16,9 @@ compared to ~1e-10 instead of float32 noise.
 - `images()`, `targets()`: inputs in [0,1] pixel space with some spatial structure.
 - `skimage_photo()`: a real photo shipped with scikit-image, preprocessed like the pipeline
   (Resize 256 → CenterCrop 224), for the real-weights tests.
-- `single_thread()`: run torch on one thread inside a test module (see its docstring: on this
-  shared 2-core machine it makes toy-sized tests several times faster).
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -108,22 +104,6 @@ def tiny_vit(*, num_classes: int = NUM_CLASSES, seed: int = 0, dtype: torch.dtyp
                     m.weight.uniform_(0.5, 1.5)
                     m.bias.normal_(0.0, 0.3)
     return net.to(dtype).eval()
-
-
-@contextmanager
-def single_thread():
-    """Run toy-sized torch work on one thread (restored on exit).
-
-    Tiny tensors gain nothing from intra-op parallelism, and on a busy machine OpenMP barriers
-    make them many times slower (measured: 8× for Opti-CAM on tiny_cnn with two cores loaded).
-    Test modules use it as an autouse module fixture.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def bundle_for(net: nn.Module, layer: str, *, name: str = "toy", tail="auto",

@@ -1,14 +1,10 @@
 """A real S3 endpoint on 127.0.0.1 for tests: moto's server in a subprocess (as s3fs's own test
 suite runs it), with the environment pointed at it and nowhere else.
 
-Use it from a test module::
-
-    from tests.s3server import s3_server, s3_prefix  # noqa: F401  (pytest finds them by name)
+``tests/conftest.py`` registers this module as a plugin (``pytest_plugins``), so any test can ask::
 
     def test_something(s3_prefix):           # a fresh s3://opticam-test/<test>-<n>/ per test
         ...
-
-or for the whole suite, in ``tests/conftest.py``: ``pytest_plugins = ["tests.s3server"]``.
 
 ``s3_server`` (session-scoped) starts the server once, sets for this process *and every child
 it starts afterwards* (subprocesses, ``ray start``, workers of a local ``ray.init``)

@@ -20,7 +20,7 @@ from pipeline import storage
 from pipeline.cli import main as cli_main
 from pipeline.datasets import IngestError, IngestOptions, ingest
 from pipeline.schema import SAMPLES, SAMPLES_ROW_GROUP
-from tests.s3server import ACCESS_KEY, SECRET_KEY, s3_prefix, s3_server  # noqa: F401
+from tests.s3server import ACCESS_KEY, SECRET_KEY
 
 # --- tiny real images -----------------------------------------------------------------------
 

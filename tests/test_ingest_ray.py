@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import storage
 from pipeline.datasets import IngestOptions, ingest
-from tests.s3server import ACCESS_KEY, SECRET_KEY, s3_prefix, s3_server  # noqa: F401
+from tests.s3server import ACCESS_KEY, SECRET_KEY
 from tests.test_ingest import FOLDER_BOXES, check_imagenet_rows, make_folder, make_imagenet, put, read_rows, row_group_sizes
 
 ray = pytest.importorskip("ray")

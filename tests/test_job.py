@@ -14,7 +14,7 @@ from pipeline import storage
 from pipeline.config import load_config
 from pipeline.job import plan_uri, run, run_uri
 from tests._samples import TOY_METHODS, awkward_rows, photo_rows, toy_config, write_samples
-from tests.s3server import s3_prefix, s3_server  # noqa: F401  (fixtures)
+from tests.s3server import ACCESS_KEY, SECRET_KEY
 
 ray = pytest.importorskip("ray")
 
@@ -117,7 +117,6 @@ def test_samples_from_and_results_to_s3(local_ray, s3_server, s3_prefix, tmp_pat
     assert any(k.endswith("_run.json") for k in stored)
     # no credential in what the job wrote
     manifest = storage.read_text(storage.join(run_uri(out, "s3run"), "_run.json"))
-    from tests.s3server import ACCESS_KEY, SECRET_KEY
     assert ACCESS_KEY not in manifest and SECRET_KEY not in manifest
     table = pq.read_table(storage.filesystem(storage.join(run_uri(out, "s3run")))[1],
                           filesystem=storage.filesystem(out)[0], partitioning=None)

@@ -21,12 +21,6 @@ FAST = {"opticam": {"iterations": 3}, "extremal": {"iterations": 2}}
 CAMS = [m for m in METHODS if m not in ("fakecam", "extremal")]  # maps computed from the layer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with _toys.single_thread():
-        yield
-
-
 def run(bundle, x, t, method, **options):
     try:
         return explain(bundle, x, t, method, **{**FAST.get(method, {}), **options})

@@ -53,12 +53,6 @@ N = 4
 ATOL = 2e-5  # float32 output of the peer; everything else is float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with _toys.single_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
 def cnn():
     return _toys.cnn_bundle()

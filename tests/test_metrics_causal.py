@@ -17,13 +17,6 @@ from opticam_core.metrics.causal import blur_images
 from tests.test_metrics_classification import MEAN, STD, linear_bundle
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # on a busy 2-core machine, torch's intra-op threads make these small passes several times slower
-    with _toys.single_thread():
-        yield
-
-
 def test_rise_kernel_matches_scipy_gaussian_filter_of_an_impulse():
     from scipy.ndimage import gaussian_filter
 

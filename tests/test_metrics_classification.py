@@ -16,14 +16,6 @@ from torch import nn
 
 from opticam_core import wrap_model
 from opticam_core import metrics as M
-from tests import _toys
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # on a busy 2-core machine, torch's intra-op threads make these small passes several times slower
-    with _toys.single_thread():
-        yield
 
 
 MEAN = (0.25, 0.5, 0.125)  # exact in float32, the dtype of the bundle's buffers

@@ -10,12 +10,6 @@ from opticam_core import metrics as M
 from tests import _toys
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with _toys.single_thread():
-        yield
-
-
 KIND_DTYPES = {"float": (torch.float64,), "int": (torch.int64,), "bool": (torch.bool,), "floats": (torch.float32,)}
 
 

@@ -12,16 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from opticam_core import metrics as M
-from tests import _toys
 from opticam_core.metrics.components import largest_component_boxes
 from tests.test_metrics_classification import closed_form_logit, linear_bundle
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # on a busy 2-core machine, torch's intra-op threads make these small passes several times slower
-    with _toys.single_thread():
-        yield
 
 
 # ---------------------------------------------------------------------------------------------

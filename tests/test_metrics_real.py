@@ -9,14 +9,6 @@ import torch
 
 from opticam_core import explain, load_model
 from opticam_core import metrics as M
-from tests import _toys
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # on a busy 2-core machine, torch's intra-op threads make these small passes several times slower
-    with _toys.single_thread():
-        yield
 
 
 PHOTOS = {"chelsea": 281, "coffee": 967, "rocket": 657}  # tabby cat, espresso, missile

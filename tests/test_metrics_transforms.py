@@ -10,15 +10,7 @@ import torchvision.transforms.v2.functional as TF
 from torchvision import tv_tensors
 
 from opticam_core import metrics as M
-from tests import _toys
 from opticam_core.boxes import near_boxes
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # on a busy 2-core machine, torch's intra-op threads make these small passes several times slower
-    with _toys.single_thread():
-        yield
 
 
 SIZES = [(300, 451), (451, 300), (500, 500), (257, 1000), (341, 500), (224, 225), (1001, 333)]

@@ -17,12 +17,6 @@ from opticam_core.hooks import capture, hook_count
 from . import _toys
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with _toys.single_thread():
-        yield
-
-
 def layer_output(bundle, x):
     with torch.no_grad(), capture(bundle.target) as cap:
         logits = bundle.model(x)

@@ -104,12 +104,6 @@ def assert_matches_reference(bundle, x, t, exp, **options):
         assert torch.isnan(hist[n:]).all()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with _toys.single_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
 def cnn():
     return _toys.cnn_bundle()

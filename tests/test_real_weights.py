@@ -19,12 +19,6 @@ from . import _toys
 TABBY = 281
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with _toys.single_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
 def cat():
     bundle = load_model("efficientnet_lite0")

@@ -9,7 +9,6 @@ from datetime import datetime, timezone
 from pipeline.cli import main as opticam
 from pipeline.report import open_run, previous_run, read_rows
 from tests._runs import make_run
-from tests.s3server import s3_prefix, s3_server  # noqa: F401  (fixtures)
 
 
 def test_report_reads_runs_from_s3(tmp_path, s3_prefix):  # noqa: F811

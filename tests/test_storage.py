@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
-from tests.s3server import ACCESS_KEY, SECRET_KEY, s3_prefix, s3_server  # noqa: F401
+from tests.s3server import ACCESS_KEY, SECRET_KEY
 
 
 def test_split_join_and_kinds(tmp_path):

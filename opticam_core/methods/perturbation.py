@@ -15,6 +15,9 @@ from ..maps import constant_maps, normalize, upsample
 from .base import Context, register
 from .gradient import _done, _weighted
 
+#: Images per forward on a CPU when no batch_size is given: there a forward's time per image
+#: grows with the batch (cache pressure), so small chunks are fastest (benchmarks/methods.py).
+CPU_CHUNK, GPU_CHUNK = 8, 128
 #: Bytes of ablated feature copies per tail chunk when no batch_size is given.
 TAIL_CHUNK_BYTES = 256 * 2**20
 
@@ -29,11 +32,11 @@ def scorecam(ctx: Context, *, batch_size: int | None = None, align_corners: bool
 
     The paper's baseline term −f(x_b)_c is the same for every channel of an image, and softmax
     ignores such shifts, so it is not computed. batch_size: masked images per forward (default
-    32 on the CPU, 128 on a GPU). align_corners: the masks' upsampling (pytorch-grad-cam uses True).
+    8 on the CPU, 128 on a GPU). align_corners: the masks' upsampling (pytorch-grad-cam uses True).
     """
     feats = ctx.features()
     B, K = feats.shape[:2]
-    chunk = ctx.chunk(32, 128, batch_size)
+    chunk = ctx.chunk(CPU_CHUNK, GPU_CHUNK, batch_size)
     scores = torch.empty(B, K, device=feats.device, dtype=ctx.images.dtype)
     flat = constant_maps(feats)
     with torch.no_grad():
@@ -85,7 +88,7 @@ def ablationcam(ctx: Context, *, batch_size: int | None = None, use_tail: bool =
                 b, k = pairs[start:start + chunk].unbind(1)
                 ablated[b, k] = _pick(tail(zero_channel(raw[b], k)), ctx.targets[b])
         else:
-            chunk = ctx.chunk(32, 128, batch_size)
+            chunk = ctx.chunk(CPU_CHUNK, GPU_CHUNK, batch_size)
             target = ctx.bundle.target
             for start in range(0, len(pairs), chunk):
                 b, k = pairs[start:start + chunk].unbind(1)

@@ -25,12 +25,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _reductions(path: str) -> list[str]:
-    """The config's own notes on what it reduced for speed (lines that say REDUCED)."""
-    notes = []
+    """The config's own notes on what it reduced for speed: comment paragraphs that start
+    with REDUCED, each joined into one line."""
+    notes: list[str] = []
+    current: list[str] | None = None
     for line in Path(path).read_text().splitlines():
-        text = line.strip().lstrip("#").strip()
-        if "REDUCED" in text:
-            notes.append(text)
+        stripped = line.strip()
+        text = stripped.lstrip("#").strip() if stripped.startswith("#") else None
+        if text is not None and text.startswith("REDUCED"):
+            current = [text]
+            notes.append("")
+        elif text and current is not None:
+            current.append(text)
+        else:
+            current = None
+        if current is not None:
+            notes[-1] = " ".join(current)
     return notes
 
 
