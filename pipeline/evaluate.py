@@ -15,7 +15,7 @@ import io
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -87,12 +87,13 @@ class Evaluator:
 
     run_id, dataset: identifiers stamped on rows. model: a `ModelSpec`-like mapping (name, key,
     weights, checkpoint, num_classes, layer). methods: key → options. metrics: group → options.
-    todo: optional sample_id → methods still missing (resume); samples absent from it are done.
+    A batch may carry a `todo` column (comma-separated method keys: what the job's resume left
+    to compute per sample); without it every method runs.
     """
 
     def __init__(self, *, run_id: str, dataset: str, model: Mapping, methods: Mapping[str, Mapping],
                  metrics: Mapping[str, Mapping], save_maps: str = "png", device: str | None = None,
-                 todo: Mapping[str, Iterable[str]] | None = None, threads: int | None = None):
+                 threads: int | None = None):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if threads and device == "cpu":
@@ -113,7 +114,6 @@ class Evaluator:
             merged.update(opts or {})
         self.metric_options = merged
         self.save_maps = save_maps == "png"
-        self.todo = {k: set(v) for k, v in todo.items()} if todo is not None else None
 
     # -- decoding ---------------------------------------------------------------------------
 
@@ -174,7 +174,7 @@ class Evaluator:
     def __call__(self, batch: pa.Table | Mapping) -> pa.Table:
         table = batch if isinstance(batch, pa.Table) else pa.table(dict(batch))
         ids = table.column("sample_id").to_pylist()
-        wanted = self._wanted(ids)
+        wanted = self._wanted(table)
         keep = [i for i, w in enumerate(wanted) if w]
         if not keep:
             return RESULTS.empty_table()
@@ -201,11 +201,12 @@ class Evaluator:
             self._evaluate(prep, ok, labels, wanted, rows)
         return rows.table()
 
-    def _wanted(self, ids: list[str]) -> list[list[str]]:
+    def _wanted(self, table: pa.Table) -> list[list[str]]:
         every = list(self.methods)
-        if self.todo is None:
-            return [every for _ in ids]
-        return [[m for m in every if m in self.todo.get(sid, ())] for sid in ids]
+        if "todo" not in table.column_names:
+            return [every for _ in range(table.num_rows)]
+        todo = [set((t or "").split(",")) for t in table.column("todo").to_pylist()]
+        return [[m for m in every if m in t] for t in todo]
 
     def _evaluate(self, prep: Prepared, ok: list[int], labels, wanted, rows: "_Rows") -> None:
         sel = torch.tensor(ok, device=self.device)

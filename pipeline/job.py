@@ -27,7 +27,14 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from . import storage
-from .config import DEMO_URI, ConfigError, DatasetSpec, ModelSpec, RunConfig, load_config
+from .config import (
+    DEMO_URI,
+    ConfigError,
+    DatasetSpec,
+    ModelSpec,
+    RunConfig,
+    load_config,
+)
 
 MANIFEST = "_run.json"
 
@@ -116,9 +123,12 @@ def resolve_samples(config: RunConfig, dataset: DatasetSpec) -> str:
     return _demo_samples(config) if dataset.uri == DEMO_URI else dataset.uri
 
 
-def _select(batch: pa.Table, ids: pa.Array) -> pa.Table:
-    """Keeps the samples that still miss rows (a cheap CPU stage before the model actors)."""
-    return batch.filter(pc.is_in(batch.column("sample_id"), value_set=ids))
+def _select(batch: pa.Table, ids: pa.Array, missing: pa.Array) -> pa.Table:
+    """Keeps the samples that still miss rows, with a `todo` column naming the methods they
+    miss (comma-separated): a cheap CPU stage before the model actors, and the work list
+    travels with the data, so a restarted actor needs nothing but its config."""
+    batch = batch.filter(pc.is_in(batch.column("sample_id"), value_set=ids))
+    return batch.append_column("todo", pc.take(missing, pc.index_in(batch.column("sample_id"), value_set=ids)))
 
 
 def evaluate_plan(config: RunConfig, dataset: DatasetSpec, model: ModelSpec, samples_uri: str,
@@ -132,8 +142,10 @@ def evaluate_plan(config: RunConfig, dataset: DatasetSpec, model: ModelSpec, sam
     fs, path = storage.filesystem(samples_uri)
     ds = ray.data.read_parquet(path, filesystem=fs, partitioning=None)
     ds = ds.select_columns(["sample_id", "split", "image", "label", "label_name", "boxes"])
-    ds = ds.map_batches(_select, fn_kwargs={"ids": pa.array(sorted(todo), pa.string())}, batch_format="pyarrow",
-                        batch_size=None, num_cpus=0.25)
+    ids = sorted(todo)
+    ds = ds.map_batches(_select, fn_kwargs={"ids": pa.array(ids, pa.string()),
+                                            "missing": pa.array([",".join(todo[i]) for i in ids], pa.string())},
+                        batch_format="pyarrow", batch_size=None, num_cpus=0.25)
     # Parquet reads bin-pack row groups into ~128 MiB blocks; one block would be one actor task
     # whose rows come out only at its end. Blocks of one batch each spread the work over the
     # actors and stream the rows to storage batch by batch.
@@ -145,7 +157,7 @@ def evaluate_plan(config: RunConfig, dataset: DatasetSpec, model: ModelSpec, sam
             run_id=config.run_id, dataset=dataset.name,
             model={"name": model.name, "key": model.key, **model.load_kwargs()},
             methods=config.methods, metrics=config.metrics, save_maps=config.save_maps,
-            todo=todo, threads=max(1, int(c.cpus_per_actor)) if not gpus else None,
+            threads=max(1, int(c.cpus_per_actor)) if not gpus else None,
         ),
         batch_size=c.batch_size, batch_format="pyarrow",
         compute=ActorPoolStrategy(size=c.actors),
@@ -191,6 +203,12 @@ class RunSummary:
         return "\n".join(lines)
 
 
+def local_cpus(cores: int | None = None) -> int:
+    """Logical CPUs of a local Ray: more than the cores, so Ray Data's read and write tasks
+    (I/O, not compute) never starve behind the actors."""
+    return max(4, 2 * (cores or os.cpu_count() or 1))
+
+
 def ensure_ray(address: str | None = None) -> None:
     import ray
 
@@ -200,9 +218,7 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address)
     else:
-        # A laptop: logical CPUs beyond the cores, so Ray Data's read and write tasks never
-        # starve behind the actors (they are I/O, not compute).
-        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)))
+        ray.init(num_cpus=local_cpus())
 
 
 def _write_manifest(config: RunConfig, samples: dict[str, str] | None = None, **extra) -> None:

@@ -16,7 +16,14 @@ from opticam_core.metrics import compute, preprocess
 from pipeline import evaluate
 from pipeline.evaluate import Evaluator, decode_image
 from pipeline.schema import RESULTS, SAMPLES
-from tests._samples import TOY_METHODS, TOY_METRICS, TOY_MODEL, awkward_rows, encode, photo_rows
+from tests._samples import (
+    TOY_METHODS,
+    TOY_METRICS,
+    TOY_MODEL,
+    awkward_rows,
+    encode,
+    photo_rows,
+)
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +104,9 @@ def test_decode_scales_16_bit_and_keeps_8_bit():
     assert torch.equal(decode_image(encode(rgb)), torch.from_numpy(rgb).permute(2, 0, 1))
 
 
-def test_only_the_missing_rows_are_computed():
-    ev = Evaluator(run_id="r", dataset="toy", model=TOY_MODEL, methods=TOY_METHODS, metrics=TOY_METRICS,
-                   device="cpu", todo={"img0000": ["gradcam"], "img0002": ["fakecam", "opticam"]})
-    df = ev(table(photo_rows(3))).to_pandas()
+def test_only_the_missing_rows_are_computed(evaluator):
+    batch = table(photo_rows(3)).append_column("todo", pa.array(["gradcam", "", "fakecam,opticam"]))
+    df = evaluator(batch).to_pandas()
     assert sorted(zip(df.sample_id, df.method)) == [("img0000", "gradcam"), ("img0002", "fakecam"),
                                                      ("img0002", "opticam")]
 
