@@ -91,7 +91,8 @@ def main(argv=None):
     p.add_argument("--model", default="efficientnet_lite0")
     p.add_argument("--iterations", type=int, default=20, help="Opti-CAM iterations")
     p.add_argument("--steps", type=int, default=56, help="insertion/deletion steps")
-    p.add_argument("--cpus-per-actor", type=float, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--cpus-per-actor", type=float, default=os.cpu_count() or 1,
+                   help="torch threads per actor (and in-process); a local Ray has twice the cores as logical CPUs")
     p.add_argument("--scaling", type=int, nargs="*", default=[], help="actor counts on a simulated cluster")
     args = p.parse_args(argv)
 

@@ -16,15 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import posixpath
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from . import storage
 from .config import (
@@ -51,29 +53,46 @@ def plan_uri(output: str, run_id: str, dataset: str, model: str) -> str:
 # What is done already
 
 
-def existing_rows(uri: str, *, repair: bool = True) -> pa.Table:
-    """The key columns (and error) of the rows under `uri`; unreadable files are removed
-    (they are what a killed writer leaves) when `repair`."""
+def existing_rows(uri: str, *, repair: bool = True, drop_failed: bool = False) -> pa.Table:
+    """The key columns (and error) of the rows under `uri`.
+
+    repair: remove files that cannot be read (what a killed writer leaves), so their rows are
+    computed again. drop_failed: rewrite files without their failed rows, so those are retried.
+    """
     columns = ["sample_id", "method", "error"]
+    empty = pa.table({c: pa.array([], pa.string()) for c in columns})
     if not storage.exists(uri):
-        return pa.table({c: pa.array([], pa.string()) for c in columns})
+        return empty
     fs, path = storage.filesystem(uri)
+    files = [f for f in storage.find(uri) if f.endswith(".parquet")]
+    if not drop_failed:
+        try:  # one read for the whole directory: the common case, no damaged file
+            return pads.dataset(path, filesystem=fs, format="parquet", partitioning=None).to_table(columns=columns)
+        except Exception:
+            if not repair:
+                raise
     parts = []
-    for file in storage.find(uri):
-        if not file.endswith(".parquet"):
-            continue
+    for file in files:
+        file_path = storage.filesystem(file)[1]
         try:
-            parts.append(pads.dataset(storage.filesystem(file)[1], filesystem=fs, format="parquet")
-                         .to_table(columns=columns))
+            part = pads.dataset(file_path, filesystem=fs, format="parquet").to_table(columns=columns)
         except Exception as err:
             if not repair:
                 raise
             print(f"removing unreadable result file {storage.redact(file)} ({type(err).__name__}); "
                   "its rows will be computed again", file=sys.stderr)
             storage.rm(file)
-    if not parts:
-        return pa.table({c: pa.array([], pa.string()) for c in columns})
-    return pa.concat_tables(parts)
+            continue
+        if drop_failed and part.column("error").null_count < part.num_rows:
+            whole = pq.read_table(file_path, filesystem=fs)
+            kept = whole.filter(pc.is_null(whole.column("error")))
+            # A dot name: dataset discovery skips it, should a crash leave it behind.
+            tmp = posixpath.join(posixpath.dirname(file_path), "." + posixpath.basename(file_path) + ".tmp")
+            pq.write_table(kept, tmp, filesystem=fs)
+            fs.move(tmp, file_path)  # a reader sees the old file or the new one, never half
+            part = part.filter(pc.is_null(part.column("error")))
+        parts.append(part)
+    return pa.concat_tables(parts) if parts else empty
 
 
 def sample_ids(uri: str) -> list[str]:
@@ -86,7 +105,7 @@ def missing_work(dataset: DatasetSpec, samples_uri: str, methods: list[str], don
     """sample_id → methods whose rows are missing, over the dataset's selected samples."""
     ids = sample_ids(samples_uri)
     if len(set(ids)) != len(ids):
-        dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        dupes = sorted(i for i, n in Counter(ids).items() if n > 1)[:5]
         raise ValueError(f"dataset {dataset.name!r}: sample_id is not unique (e.g. {dupes})")
     selected = sorted(ids)[: dataset.limit] if dataset.limit else ids
     have: dict[str, set[str]] = defaultdict(set)
@@ -251,8 +270,9 @@ def count_rows(config: RunConfig) -> dict:
     return counts
 
 
-def run(config: RunConfig, *, address: str | None = None, log=print) -> RunSummary:
-    """Evaluate every (dataset, model) plan of `config`; compute only what is missing."""
+def run(config: RunConfig, *, address: str | None = None, retry_failed: bool = False, log=print) -> RunSummary:
+    """Evaluate every (dataset, model) plan of `config`; compute only what is missing (and,
+    with `retry_failed`, what failed before)."""
     t0 = time.perf_counter()
     ensure_ray(address)
     started = datetime.now(timezone.utc).isoformat()
@@ -263,7 +283,7 @@ def run(config: RunConfig, *, address: str | None = None, log=print) -> RunSumma
     for dataset, model in config.pairs():
         samples_uri = samples[dataset.name]
         dest = plan_uri(config.output, config.run_id, dataset.name, model.key)
-        todo = missing_work(dataset, samples_uri, methods, existing_rows(dest))
+        todo = missing_work(dataset, samples_uri, methods, existing_rows(dest, drop_failed=retry_failed))
         pending = sum(len(v) for v in todo.values())
         log(f"[{dataset.name} × {model.key}] {len(todo)} samples with {pending} (sample, method) rows to compute")
         if todo:
@@ -286,6 +306,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="results root, local or s3:// (overrides the config's)")
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="with an existing run id: compute the failed rows again (they are replaced)")
     parser.add_argument("--fail-on-errors", action="store_true",
                         help="exit 1 when some rows failed (default: 0; failed rows are in the results)")
 
@@ -299,6 +321,6 @@ def main(args: argparse.Namespace) -> int:
     if args.check:
         print(f"config OK: {len(config.pairs())} (dataset, model) plans × {len(config.methods)} methods")
         return 0
-    summary = run(config, address=args.address)
+    summary = run(config, address=args.address, retry_failed=args.retry_failed)
     print(summary.table())
     return 1 if args.fail_on_errors and summary.failed else 0

@@ -13,7 +13,13 @@ import pytest
 from pipeline import storage
 from pipeline.config import load_config
 from pipeline.job import plan_uri, run, run_uri
-from tests._samples import TOY_METHODS, awkward_rows, photo_rows, toy_config, write_samples
+from tests._samples import (
+    TOY_METHODS,
+    awkward_rows,
+    photo_rows,
+    toy_config,
+    write_samples,
+)
 from tests.s3server import ACCESS_KEY, SECRET_KEY
 
 ray = pytest.importorskip("ray")
@@ -73,6 +79,22 @@ def test_run_writes_each_row_once_and_resumes(local_ray, samples, tmp_path):
     old = df.set_index(["sample_id", "method"]).created
     new = df2.set_index(["sample_id", "method"]).created.loc[old.index]
     assert (old == new).all()
+
+
+def test_retry_failed_recomputes_exactly_the_failed_rows(local_ray, samples, tmp_path):
+    cfg = load_config(toy_config(samples, str(tmp_path / "out"), methods={"fakecam": {}}), run_id="r4")
+    run(cfg, log=lambda *_: None)
+    before = read_rows(run_uri(cfg.output, "r4")).set_index("sample_id")
+    failed = sorted(before.index[before.error.notna()])
+    assert failed == ["bad_label", "empty", "garbage", "nan_tiff"]
+    summary = run(cfg, retry_failed=True, log=lambda *_: None)
+    assert summary.computed == len(failed)
+    after = read_rows(run_uri(cfg.output, "r4"))
+    assert set(keys(after).values()) == {1} and len(after) == len(before)
+    after = after.set_index("sample_id")
+    redone = after.created != before.created.loc[after.index]
+    assert sorted(after.index[redone]) == failed  # the others were not touched
+    assert after.loc[failed].error.notna().all()  # these samples fail for good, once each
 
 
 def test_lost_and_half_written_files_are_recomputed(local_ray, samples, tmp_path):
