@@ -323,6 +323,13 @@ def test_explain_checks_inputs_and_options(bundles, batch):
         explain(bundle, x, [0], "gradcam")
     with pytest.raises(ValueError, match="B×3×H×W"):
         explain(bundle, x[0], t, "gradcam")
+    # A value outside an option's set names the option and what it accepts.
+    for method, option, bad, valid in [("opticam", "objective", "entropy", "'diff'"),
+                                       ("opticam", "select", "first", "'best'"),
+                                       ("extremal", "reward", "prob", "'contrastive'"),
+                                       ("extremal", "perturbation", "noise", "'blur'")]:
+        with pytest.raises(ValueError, match=f"unknown {option} '{bad}'; valid: .*{valid}"):
+            run(bundle, x, t, method, **{option: bad})
     assert hook_count(bundle.model) == 0
 
 

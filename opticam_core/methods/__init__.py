@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from ..choices import check_choice
 from ..models import ModelBundle
 from . import extremal, fake, gradient, opticam, perturbation  # noqa: F401  (registration)
 from .base import REGISTRY, Context, Explanation, method_options, run_method
@@ -21,8 +22,7 @@ assert set(METHODS) == set(REGISTRY), "every method key must be registered"
 
 
 def check_options(key: str, options: dict) -> dict:
-    if key not in REGISTRY:
-        raise ValueError(f"unknown method {key!r}; valid: {', '.join(METHODS)}")
+    check_choice("method", key, METHODS)
     valid = method_options(key)
     unknown = sorted(set(options) - set(valid))
     if unknown:

@@ -41,6 +41,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..choices import check_choice
 from ..maps import constant_maps
 from .base import Context, register
 
@@ -80,8 +81,7 @@ def gaussian_blur(images: torch.Tensor, sigma: float | torch.Tensor) -> torch.Te
 def perturbation_pyramid(images: torch.Tensor, *, num_levels: int = 8, max_blur: float = 20.0,
                          kind: str = "blur") -> torch.Tensor:
     """B×L×C×H×W: level 0 most perturbed, level L−1 the images themselves."""
-    if kind not in PERTURBATIONS:
-        raise ValueError(f"unknown perturbation {kind!r}; valid: {', '.join(PERTURBATIONS)}")
+    check_choice("perturbation", kind, PERTURBATIONS)
     levels = []
     with torch.no_grad():
         # The level fractions in float32, as TorchRay computes them (σ and ⌈4σ⌉ depend on it).
@@ -321,12 +321,9 @@ def extremal(
     the image), reward_history and regul_history (B×A×iterations); masks (B×A×H×W) when
     several areas are asked.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
-    if perturbation not in PERTURBATIONS:
-        raise ValueError(f"unknown perturbation {perturbation!r}; valid: {', '.join(PERTURBATIONS)}")
-    if reward not in REWARDS:
-        raise ValueError(f"unknown reward {reward!r}; valid: {', '.join(REWARDS)}")
+    check_choice("variant", variant, VARIANTS)
+    check_choice("perturbation", perturbation, PERTURBATIONS)
+    check_choice("reward", reward, REWARDS)
     area_list = _areas(areas)
     if int(iterations) != iterations or iterations < 1:
         raise ValueError(f"iterations must be a positive integer, got {iterations}")

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from ..choices import check_choice
 from ..maps import NORMALIZATIONS, constant_maps, normalize, upsample
 from .base import Context, register
 
@@ -62,12 +63,9 @@ def opticam(
     Extras per image: iterations, objective (of the returned map), objective_start, early_stopped,
     objective_history (B×iterations, NaN after an early stop).
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {normalization!r}; valid: {', '.join(NORMALIZATIONS)}")
-    if select not in SELECTIONS:
-        raise ValueError(f"unknown select {select!r}; valid: {', '.join(SELECTIONS)}")
+    check_choice("objective", objective, OBJECTIVES)
+    check_choice("normalization", normalization, NORMALIZATIONS)
+    check_choice("select", select, SELECTIONS)
     if activation not in (None, "relu"):
         raise ValueError(f"unknown activation {activation!r}; valid: None, 'relu'")
     if iterations < 0:

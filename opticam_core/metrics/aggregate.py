@@ -40,6 +40,8 @@ from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from ..choices import check_choice
+
 OM_RULES = ("ilsvrc", "iou")
 POINTING = ("pointing", "pointing_tol")
 F1_RULES = ("per_image", "of_means")
@@ -175,14 +177,10 @@ def aggregate(values: Mapping[str, Sequence], *, om_rule: str = "ilsvrc", iou_th
               pointing: str = "pointing", ba_deltas: Sequence[float] = (0.3, 0.5, 0.7),
               f1: str = "per_image", undefined: str = "exclude", weights=None) -> dict[str, Aggregate]:
     """The paper's numbers from per-image values; see the module docstring for every rule."""
-    if om_rule not in OM_RULES:
-        raise ValueError(f"om_rule must be one of {OM_RULES}, got {om_rule!r}")
-    if pointing not in POINTING:
-        raise ValueError(f"pointing must be one of {POINTING}, got {pointing!r}")
-    if f1 not in F1_RULES:
-        raise ValueError(f"f1 must be one of {F1_RULES}, got {f1!r}")
-    if undefined not in ("exclude", "zero"):
-        raise ValueError(f"undefined must be 'exclude' or 'zero', got {undefined!r}")
+    check_choice("om_rule", om_rule, OM_RULES)
+    check_choice("pointing", pointing, POINTING)
+    check_choice("f1", f1, F1_RULES)
+    check_choice("undefined", undefined, ("exclude", "zero"))
     t = _Table(values, weights)
     out: dict[str, Aggregate] = {}
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ..boxes import check_boxes, box_counts, union_mask
+from ..boxes import box_counts, check_boxes, union_mask
+from ..choices import check_choice
 from ._forward import chunked_log_probs, class_log_probs, resolve_batch_size
 
 UNDEFINED = ("exclude", "zero")
@@ -99,8 +100,7 @@ def gain_terms(p, o) -> torch.Tensor:
 
 def mean_percent(terms: torch.Tensor, undefined: str = "exclude") -> tuple[float, int]:
     """(100 · mean of the terms, images used). NaN terms: left out, or counted as 0."""
-    if undefined not in UNDEFINED:
-        raise ValueError(f"undefined must be one of {UNDEFINED}, got {undefined!r}")
+    check_choice("undefined", undefined, UNDEFINED)
     terms = torch.as_tensor(terms, dtype=torch.float64).reshape(-1)
     if undefined == "zero":
         terms = torch.nan_to_num(terms, nan=0.0)

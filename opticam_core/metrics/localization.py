@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..boxes import best_iou, box_area, check_boxes, near_boxes
+from ..choices import check_choice
 from ._forward import chunked_log_probs, resolve_batch_size
 from .classification import check_batch
 from .components import largest_component_boxes
@@ -74,8 +75,7 @@ def localization(maps: torch.Tensor, boxes, *, targets=None, bundle=None, images
     `targets` (the class c); without them it is NaN. chunk_pixels bounds the thresholded masks
     held at once (images × thresholds × pixels).
     """
-    if ties not in TIES:
-        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+    check_choice("ties", ties, TIES)
     home = maps.device
     if maps.dim() == 4 and maps.shape[1] == 1:
         maps = maps[:, 0]
