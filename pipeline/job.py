@@ -148,8 +148,9 @@ def _select(batch: pa.Table, ids: pa.Array, missing: pa.Array) -> pa.Table:
     """Keeps the samples that still miss rows, with a `todo` column naming the methods they
     miss (comma-separated): a cheap CPU stage before the model actors, and the work list
     travels with the data, so a restarted actor needs nothing but its config."""
-    batch = batch.filter(pc.is_in(batch.column("sample_id"), value_set=ids))
-    return batch.append_column("todo", pc.take(missing, pc.index_in(batch.column("sample_id"), value_set=ids)))
+    where = pc.index_in(batch.column("sample_id"), value_set=ids)  # null: nothing left to do
+    keep = pc.is_valid(where)
+    return batch.filter(keep).append_column("todo", pc.take(missing, where.filter(keep)))
 
 
 def evaluate_plan(config: RunConfig, dataset: DatasetSpec, model: ModelSpec, samples_uri: str,
@@ -182,7 +183,7 @@ def evaluate_plan(config: RunConfig, dataset: DatasetSpec, model: ModelSpec, sam
         ),
         batch_size=c.batch_size, batch_format="pyarrow",
         # On the actor's own thread: Ray Data's default moves a sync UDF onto a helper thread,
-        # where torch's CPU kernels ran 10-40% slower (measured, benchmarks/pipeline.py); one
+        # where torch's CPU kernels ran 10-40% slower (measured on the Evaluator alone); one
         # call at a time per actor either way, so a GPU never sees two batches at once.
         compute=ActorPoolStrategy(size=c.actors, enable_true_multi_threading=True),
         num_gpus=gpus or None, num_cpus=c.cpus_per_actor, resources=c.resources or None,
