@@ -2,6 +2,7 @@
 
     python -m benchmarks.pipeline                       # 32 photos, 1 actor vs in-process
     python -m benchmarks.pipeline --scaling 1 2 4       # also 1, 2, 4 actors sharing the cores on a simulated cluster
+    python -m benchmarks.pipeline --contention 0.18     # also in-process beside a background load that size
 
 Both sides run the same `Evaluator` (same methods, metrics, batch size) on the same samples:
 in-process it is called batch by batch; in the job it runs in Ray Data actors with reading,
@@ -10,13 +11,22 @@ exists (real ImageNet photos), else the demo's packaged photos repeated. Target 
 job on one node reaches >= 85% of the in-process images/s. Printed both end to end (with the
 job's fixed start-up: Ray's worker processes, the actor importing torch and loading the model)
 and per batch in the steady state, which is what a 50,000-image run sees.
+
+When the actor's torch threads fill every core, Ray's own processes (driver, raylet, GCS,
+agents: about 0.2 of a core while the job runs) take their time from those threads, and the
+threads wait for each other at every parallel op. `--contention F` measures that cost without
+Ray: the in-process side again, beside a process that busy-waits F of a core in short bursts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -80,9 +90,26 @@ def in_process(rows, cfg) -> float:
 
 
 def per_batch(starts: list[float]) -> float:
-    """Seconds per batch between the first and the last batch's start: the steady state,
-    without start-up (loading the model, starting Ray's workers) or the last batch's tail."""
-    return (starts[-1] - starts[0]) / (len(starts) - 1) if len(starts) > 1 else float("nan")
+    """Median seconds between consecutive batch starts: the steady state, without start-up
+    (loading the model, starting Ray's workers), the last batch's tail, or one batch that a
+    noisy neighbour slowed."""
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    return statistics.median(gaps) if gaps else float("nan")
+
+
+@contextlib.contextmanager
+def background_load(fraction: float):
+    """A process that busy-waits `fraction` of each 10 ms and sleeps the rest: what Ray's
+    daemons look like to the scheduler (short, frequent wake-ups), without Ray."""
+    busy, period = 0.010 * fraction, 0.010
+    code = ("import time\nwhile True:\n    t = time.perf_counter()\n"
+            f"    while time.perf_counter() - t < {busy}: pass\n    time.sleep({period - busy})\n")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def job_batch_starts(output: str, run_id: str) -> list[float]:
@@ -116,6 +143,8 @@ def main(argv=None):
     p.add_argument("--cpus-per-actor", type=float, default=os.cpu_count() or 1,
                    help="torch threads per actor (and in-process); a local Ray has twice the cores as logical CPUs")
     p.add_argument("--scaling", type=int, nargs="*", default=[], help="actor counts on a simulated cluster")
+    p.add_argument("--contention", type=float, default=0.0, metavar="F",
+                   help="also run in-process beside a background load of F cores (e.g. 0.18, Ray's own share)")
     args = p.parse_args(argv)
 
     import ray
@@ -131,6 +160,12 @@ def main(argv=None):
         print(f"{len(rows)} images, {args.model}, batch {args.batch}, methods {list(cfg['methods'])}, "
               f"metrics {list(cfg['metrics'])}")
         print(f"  in-process            {len(rows) / base:7.3f} img/s  ({base:.1f} s; {base_batch:.1f} s per batch)")
+        if args.contention:
+            with background_load(args.contention):
+                loaded, loaded_batch = in_process(rows, cfg)
+            print(f"  in-process, {args.contention:.2f}-core background load {len(rows) / loaded:7.3f} img/s  "
+                  f"({loaded:.1f} s; {loaded_batch:.1f} s per batch) = {base / loaded:.0%} end to end, "
+                  f"{base_batch / loaded_batch:.0%} per batch")
         ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False)
         job = ray_job(cfg, "one-actor")
         job_batch = per_batch(job_batch_starts(cfg["output"], "one-actor"))
