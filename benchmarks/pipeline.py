@@ -73,7 +73,7 @@ def config(samples: str, output: str, args, actors: int) -> dict:
     }
 
 
-def in_process(rows, cfg) -> float:
+def in_process(rows, cfg) -> tuple[float, float]:
     from pipeline.config import load_config
     from pipeline.evaluate import Evaluator
 
