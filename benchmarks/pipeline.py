@@ -34,6 +34,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.job import local_cpus
 from pipeline.schema import SAMPLES
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
@@ -166,7 +167,7 @@ def main(argv=None):
             print(f"  in-process, {args.contention:.2f}-core background load {len(rows) / loaded:7.3f} img/s  "
                   f"({loaded:.1f} s; {loaded_batch:.1f} s per batch) = {base / loaded:.0%} end to end, "
                   f"{base_batch / loaded_batch:.0%} per batch")
-        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False)
+        ray.init(num_cpus=local_cpus(), include_dashboard=False)
         job = ray_job(cfg, "one-actor")
         job_batch = per_batch(job_batch_starts(cfg["output"], "one-actor"))
         print(f"  Ray job, 1 actor      {len(rows) / job:7.3f} img/s  ({job:.1f} s; {job_batch:.1f} s per batch)  "

@@ -66,8 +66,7 @@ def opticam(
     check_choice("objective", objective, OBJECTIVES)
     check_choice("normalization", normalization, NORMALIZATIONS)
     check_choice("select", select, SELECTIONS)
-    if activation not in (None, "relu"):
-        raise ValueError(f"unknown activation {activation!r}; valid: None, 'relu'")
+    check_choice("activation", activation, (None, "relu"))
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     check_every = check_every or max(1, iterations // 10)

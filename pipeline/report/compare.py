@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from opticam_core.choices import check_choice
 from pipeline.schema import ROW_KEY
 
 from .aggregates import BOX_ROWS, METHOD_FREE_COLUMNS, Aggregator, _columns, _is_box_free, _seed, interval, \
@@ -185,8 +186,7 @@ def _threshold_for(metric: str, thresholds: dict[str, float]) -> float | None:
 def violations(comparison: Comparison, thresholds: dict[str, float], direction: str = "any") -> pd.DataFrame:
     """Flagged changes larger than their metric's threshold (``direction="worse"``: only changes
     in the metric's bad direction: up for AD/D/OM/LE/SM, down for the others)."""
-    if direction not in ("any", "worse"):
-        raise ValueError("direction must be 'any' or 'worse'")
+    check_choice("direction", direction, ("any", "worse"))
     ch = comparison.flagged
     keep = []
     for r in ch.itertuples(index=False):
