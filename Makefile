@@ -11,7 +11,7 @@ PEERS := $(VENV)/.peers
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m pip install --quiet -e '.[job,test,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -18,6 +18,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .fields import PerImage
+
+#: What preprocessing reports per image (the job stores it beside the metrics).
+FIELDS = (PerImage("boxes_dropped", "int64", "ground-truth boxes that the resize/crop left with no area"),)
+
 
 class CropGeometry(NamedTuple):
     """Where an image of `height`×`width` lands: resized to `resized` (h, w), then cropped at

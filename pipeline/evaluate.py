@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Mapping
@@ -23,40 +24,17 @@ import torch
 from PIL import Image
 
 from opticam_core import explain, load_model
+from opticam_core.methods import method_spec
 from opticam_core.metrics import compute as compute_metrics
-from opticam_core.metrics import preprocess, transform_boxes
-from opticam_core.metrics.fields import FIELDS
+from opticam_core.metrics import group_options, preprocess, transform_boxes
 
-from .schema import RESULTS
+from .images import decode_image
+from .schema import FIELDS, RESULTS
+from .storage import redact
 
-#: Allow huge but legitimate photos (ImageNet has 2400×1632; medical scans are larger); refuse
-#: decompression bombs beyond this many pixels.
-Image.MAX_IMAGE_PIXELS = 20_000 * 20_000
+log = logging.getLogger(__name__)
+
 _ERROR_LIMIT = 2000  # characters of an error message kept in a row
-
-
-def decode_image(data: bytes) -> torch.Tensor:
-    """Encoded bytes → uint8 3×H×W. Grayscale, palette, alpha, CMYK and 16-bit files are
-    converted to 8-bit RGB (16-bit by scaling 0–65535 to 0–255, not by clipping)."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying "not an image"
-        raise ValueError(f"not a decodable image ({type(err).__name__}: {str(err).split(' <')[0]})") from None
-    with img:
-        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-            arr = np.asarray(img, dtype=np.float64)
-            if not np.isfinite(arr).all():
-                raise ValueError("image has non-finite pixel values")
-            peak = float(arr.max()) if arr.size else 0.0
-            top = 65535.0 if img.mode.startswith("I;16") or peak > 255 else 1.0 if img.mode == "F" and peak <= 1 else 255.0
-            arr = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
-            rgb = np.repeat(arr[..., None], 3, axis=2)
-        else:
-            rgb = np.array(img.convert("RGB"), dtype=np.uint8)
-    if rgb.ndim != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
-        raise ValueError(f"decoded image has shape {rgb.shape}")
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()
 
 
 def encode_png(map_: np.ndarray) -> bytes:
@@ -78,7 +56,8 @@ class Prepared:
 
 
 def _short(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}"
+    # rows are shared and published: an S3 error can quote a credential or a signed URL
+    text = redact(f"{type(err).__name__}: {err}")
     return text[:_ERROR_LIMIT]
 
 
@@ -86,7 +65,8 @@ class Evaluator:
     """Holds one frozen model on its device; `__call__(batch)` turns samples into result rows.
 
     run_id, dataset: identifiers stamped on rows. model: a `ModelSpec`-like mapping (name, key,
-    weights, checkpoint, num_classes, layer). methods: key → options. metrics: group → options.
+    weights, checkpoint, num_classes, layer). methods: key → options. metrics: group → options
+    (each group gets only its own). Options are validated here too, before the model loads.
     A batch may carry a `todo` column (comma-separated method keys: what the job's resume left
     to compute per sample); without it every method runs.
     """
@@ -100,19 +80,18 @@ class Evaluator:
             torch.set_num_threads(int(threads))
         self.device = torch.device(device)
         self.run_id, self.dataset = run_id, dataset
+        specs = {k: method_spec(k) for k in methods}
+        self.methods = {k: specs[k].kwargs(v) for k, v in methods.items()}
+        self.options_json = {k: json.dumps(specs[k].resolved(v), sort_keys=True) for k, v in methods.items()}
+        self.metric_options = group_options(metrics)
         self.model_key = model.get("key") or model["name"]
         self.bundle = load_model(model["name"], weights=model.get("weights", "default"),
                                  checkpoint=model.get("checkpoint"), num_classes=model.get("num_classes"),
                                  layer=model.get("layer"), device=self.device)
+        for spec in specs.values():  # a pair the config could not judge before the model existed
+            spec.check_serves(self.bundle)
         self.num_classes = int(self.bundle.model(torch.zeros(1, 3, *self.bundle.input_size,
                                                              device=self.device)).shape[1])
-        self.methods = {k: dict(v or {}) for k, v in methods.items()}
-        self.options_json = {k: json.dumps(v, sort_keys=True, default=list) for k, v in self.methods.items()}
-        self.groups = tuple(metrics)
-        merged: dict = {}
-        for opts in metrics.values():
-            merged.update(opts or {})
-        self.metric_options = merged
         self.save_maps = save_maps == "png"
 
     # -- decoding ---------------------------------------------------------------------------
@@ -151,8 +130,9 @@ class Evaluator:
         try:
             res = explain(self.bundle, images, targets, methods, **opts)
             return {k: (res[k], {}) for k in methods}
-        except Exception:
-            pass
+        except Exception as err:
+            log.warning("%s × %s: explaining %d images with %s together failed (%s); retrying each method alone",
+                        self.dataset, self.model_key, images.shape[0], ", ".join(methods), _short(err))
         out = {}
         for key in methods:
             try:
@@ -221,9 +201,9 @@ class Evaluator:
         method_free: dict[str, torch.Tensor] = {}  # S:=B and S:=I∖B do not depend on the method
         for key, (expl, errors) in self._explain(images, targets, methods).items():
             try:
-                values = compute_metrics(self.bundle, images, targets, expl.maps, boxes, which=self.groups,
-                                         clean_logits=clean, method_free=not method_free, **self.metric_options)
-                if "box_study" in self.groups:
+                values = compute_metrics(self.bundle, images, targets, expl.maps, boxes, which=self.metric_options,
+                                         clean_logits=clean, method_free=not method_free)
+                if "box_study" in self.metric_options:
                     method_free = method_free or {k: values[k] for k in ("o_box", "o_not_box")}
                     values.update(method_free)
             except Exception as err:
@@ -260,6 +240,7 @@ def _stack(key, parts, images):
 
 
 def _to_numpy(values: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The stored per-image values; extras declared in-memory only (e.g. extremal's masks) stay out."""
     return {k: v.detach().cpu().numpy() for k, v in values.items() if k in FIELDS}
 
 
@@ -285,12 +266,12 @@ class _Rows:
     def add(self, i: int, method: str, values: dict, seconds: float, png: bytes | None) -> None:
         row = self._base(i, method)
         for name, value in values.items():
-            kind = FIELDS[name][0]
-            if kind == "floats":
+            kind = FIELDS[name].kind
+            if kind == "list<float32>":
                 row[name] = np.asarray(value, dtype=np.float32).tolist()
             elif kind == "bool":
                 row[name] = bool(value)
-            elif kind == "int":
+            elif kind == "int64":
                 row[name] = int(value)
             else:
                 row[name] = float(value)

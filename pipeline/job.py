@@ -9,6 +9,9 @@ already written under its directory are read (only those columns), and only the 
 (sample, method) pairs are computed. A file a killed driver left half-written cannot be read:
 it is deleted and its rows are computed again. So a rerun with the same run id, after a crash
 or with methods added to the config, completes the run and holds each row exactly once.
+
+One run id is one configuration (`fingerprint.py`): a rerun that would change how existing rows
+were made is refused before any work, unless `--replace METHOD` names the methods to recompute.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .config import (
     RunConfig,
     load_config,
 )
+from .fingerprint import RunConflict, changes, conflict_message, fingerprints
 
 MANIFEST = "_run.json"
 
@@ -51,6 +55,31 @@ def plan_uri(output: str, run_id: str, dataset: str, model: str) -> str:
 
 # ------------------------------------------------------------------------------------------
 # What is done already
+
+
+def _rewrite_without(file: str, drop) -> int:
+    """Rewrite one result file without the rows `drop(table)` marks (a boolean array); remove it
+    when nothing is left. A reader sees the old file or the new one, never half of one.
+    Returns the number of rows dropped."""
+    fs, path = storage.filesystem(file)
+    whole = pq.read_table(path, filesystem=fs)
+    gone = drop(whole)
+    dropped = int(pc.sum(gone).as_py() or 0)
+    if not dropped:
+        return 0
+    kept = whole.filter(pc.invert(gone))
+    if kept.num_rows == 0:
+        storage.rm(file)
+        return dropped
+    # A dot name: dataset discovery skips it, should a crash leave it behind.
+    tmp = posixpath.join(posixpath.dirname(path), "." + posixpath.basename(path) + ".tmp")
+    pq.write_table(kept, tmp, filesystem=fs)
+    fs.move(tmp, path)
+    return dropped
+
+
+def _result_files(uri: str) -> list[str]:
+    return [f for f in storage.find(uri) if f.endswith(".parquet")] if storage.exists(uri) else []
 
 
 def existing_rows(uri: str, *, repair: bool = True, drop_failed: bool = False) -> pa.Table:
@@ -71,10 +100,9 @@ def existing_rows(uri: str, *, repair: bool = True, drop_failed: bool = False) -
             if not repair:
                 raise
     parts = []
-    for file in (f for f in storage.find(uri) if f.endswith(".parquet")):
-        file_path = storage.filesystem(file)[1]
+    for file in _result_files(uri):
         try:
-            part = pads.dataset(file_path, filesystem=fs, format="parquet").to_table(columns=columns)
+            part = pads.dataset(storage.filesystem(file)[1], filesystem=fs, format="parquet").to_table(columns=columns)
         except Exception as err:
             if not repair:
                 raise
@@ -83,18 +111,17 @@ def existing_rows(uri: str, *, repair: bool = True, drop_failed: bool = False) -
             storage.rm(file)
             continue
         if drop_failed and part.column("error").null_count < part.num_rows:
-            whole = pq.read_table(file_path, filesystem=fs)
-            kept = whole.filter(pc.is_null(whole.column("error")))
-            if kept.num_rows == 0:
-                storage.rm(file)
-                continue
-            # A dot name: dataset discovery skips it, should a crash leave it behind.
-            tmp = posixpath.join(posixpath.dirname(file_path), "." + posixpath.basename(file_path) + ".tmp")
-            pq.write_table(kept, tmp, filesystem=fs)
-            fs.move(tmp, file_path)  # a reader sees the old file or the new one, never half
+            _rewrite_without(file, lambda t: pc.is_valid(t.column("error")))
             part = part.filter(pc.is_null(part.column("error")))
         parts.append(part)
     return pa.concat_tables(parts) if parts else empty
+
+
+def remove_method_rows(config: RunConfig, methods: set[str]) -> int:
+    """Delete every row of `methods` in this run (all datasets and models); returns how many."""
+    value_set = pa.array(sorted(methods), pa.string())
+    return sum(_rewrite_without(f, lambda t: pc.is_in(t.column("method"), value_set=value_set))
+               for f in _result_files(run_uri(config.output, config.run_id)))
 
 
 def sample_ids(uri: str) -> list[str]:
@@ -178,7 +205,7 @@ def evaluate_plan(config: RunConfig, dataset: DatasetSpec, model: ModelSpec, sam
         fn_constructor_kwargs=dict(
             run_id=config.run_id, dataset=dataset.name,
             model={"name": model.name, "key": model.key, **model.load_kwargs()},
-            methods=config.methods, metrics=config.metrics, save_maps=config.save_maps,
+            methods=config.methods_for(model), metrics=config.metrics, save_maps=config.save_maps,
             threads=max(1, int(c.cpus_per_actor)) if not gpus else None,
         ),
         batch_size=c.batch_size, batch_format="pyarrow",
@@ -190,7 +217,7 @@ def evaluate_plan(config: RunConfig, dataset: DatasetSpec, model: ModelSpec, sam
     )
     out_fs, out_path = storage.filesystem(plan_uri(config.output, config.run_id, dataset.name, model.key))
     # About one file per batch: rows reach storage as batches finish, so a crash loses little.
-    ds.write_parquet(out_path, filesystem=out_fs, max_rows_per_file=c.batch_size * len(config.methods))
+    ds.write_parquet(out_path, filesystem=out_fs, max_rows_per_file=c.batch_size * len(config.methods_for(model)))
 
 
 def _cluster_gpus() -> float:
@@ -246,47 +273,75 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(num_cpus=local_cpus())
 
 
+def read_manifest(config: RunConfig) -> dict:
+    uri = storage.join(run_uri(config.output, config.run_id), MANIFEST)
+    if not storage.exists(uri):
+        return {}
+    try:
+        return json.loads(storage.read_text(uri))
+    except ValueError:
+        return {}
+
+
 def _write_manifest(config: RunConfig, samples: dict[str, str] | None = None, **extra) -> None:
     """OUT/run=ID/_run.json: the resolved config (datasets' `uri` where their samples really are,
-    `source` what the config said), start and end, row counts; the report reads it."""
+    `source` what the config said), the fingerprint of every (dataset, model, method) the run
+    holds, start and end, row counts; the report reads it."""
     uri = storage.join(run_uri(config.output, config.run_id), MANIFEST)
-    old = {}
-    if storage.exists(uri):
-        try:
-            old = json.loads(storage.read_text(uri))
-        except ValueError:
-            old = {}
+    old = read_manifest(config)
     resolved = config.to_dict()
     for d in resolved["datasets"]:
         d["source"], d["uri"] = d["uri"], (samples or {}).get(d["name"], d["uri"])
-    manifest = {**old, "run_id": config.run_id, "config": resolved, **extra}
-    storage.write_text(uri, json.dumps(manifest, indent=2, default=str))
+    # Plans of earlier invocations stay recorded: their rows are still in the run.
+    prints = {**old.get("fingerprints", {}), **fingerprints(config)}
+    manifest = {**old, "run_id": config.run_id, "config": resolved, "fingerprints": prints, **extra}
+    # the manifest is shared with whoever reads the results: no credential written into a URI
+    storage.write_text(uri, storage.redact(json.dumps(manifest, indent=2, default=str)))
+
+
+def check_configuration(config: RunConfig, replace: set[str] = frozenset()) -> None:
+    """Refuse (RunConflict) a rerun whose configuration changed for a (dataset, model, method) the
+    run already holds, except for the methods in `replace`. Reads the manifest only."""
+    unknown = sorted(set(replace) - set(config.methods))
+    if unknown:
+        raise ConfigError(f"--replace {', '.join(unknown)}: not a method of this config "
+                          f"({', '.join(config.methods)})")
+    recorded = read_manifest(config).get("fingerprints") or {}
+    found = changes(recorded, fingerprints(config), ignore_methods=set(replace))
+    if found:
+        raise RunConflict(conflict_message(config.run_id, found))
 
 
 def count_rows(config: RunConfig) -> dict:
     counts = {}
-    for dataset, model in config.pairs():
+    for dataset, model, run_methods in config.plans():
         rows = existing_rows(plan_uri(config.output, config.run_id, dataset.name, model.key), repair=False)
         methods = rows.column("method").to_pylist()
         errors = rows.column("error").to_pylist()
-        for method in config.methods:
+        for method in run_methods:
             n_ok = sum(1 for m, e in zip(methods, errors) if m == method and e is None)
             n_bad = sum(1 for m, e in zip(methods, errors) if m == method and e is not None)
             counts[(dataset.name, model.key, method)] = (n_ok, n_bad)
     return counts
 
 
-def run(config: RunConfig, *, address: str | None = None, retry_failed: bool = False, log=print) -> RunSummary:
+def run(config: RunConfig, *, address: str | None = None, retry_failed: bool = False,
+        replace: set[str] | list[str] = (), log=print) -> RunSummary:
     """Evaluate every (dataset, model) plan of `config`; compute only what is missing (and,
-    with `retry_failed`, what failed before)."""
+    with `retry_failed`, what failed before). `replace`: methods whose rows in this run are
+    deleted first and computed again. Raises RunConflict, before touching anything, when the
+    configuration changed for rows the run holds (see `check_configuration`)."""
     t0 = time.perf_counter()
+    replace = set(replace)
+    check_configuration(config, replace)
+    if replace:
+        log(f"--replace: deleted {remove_method_rows(config, replace)} rows of {', '.join(sorted(replace))}")
     ensure_ray(address)
     started = datetime.now(timezone.utc).isoformat()
     samples = {d.name: resolve_samples(config, d) for d in config.datasets}
     _write_manifest(config, samples, started=started, finished=None, status="running")
     summary = RunSummary(config.run_id, run_uri(config.output, config.run_id))
-    methods = list(config.methods)
-    for dataset, model in config.pairs():
+    for dataset, model, methods in config.plans():
         samples_uri = samples[dataset.name]
         dest = plan_uri(config.output, config.run_id, dataset.name, model.key)
         todo = missing_work(dataset, samples_uri, methods, existing_rows(dest, drop_failed=retry_failed))
@@ -314,6 +369,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
     parser.add_argument("--retry-failed", action="store_true",
                         help="with an existing run id: compute the failed rows again (they are replaced)")
+    parser.add_argument("--replace", action="append", default=[], metavar="METHOD",
+                        help="with an existing run id whose configuration changed for METHOD: delete its rows "
+                             "of this run and compute them again (repeat, or comma-separate, for several)")
     parser.add_argument("--fail-on-errors", action="store_true",
                         help="exit 1 when some rows failed (default: 0; failed rows are in the results)")
 
@@ -324,9 +382,17 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
-    if args.check:
-        print(f"config OK: {len(config.pairs())} (dataset, model) plans × {len(config.methods)} methods")
-        return 0
-    summary = run(config, address=args.address, retry_failed=args.retry_failed)
+    replace = {m for value in args.replace for m in value.split(",") if m}
+    try:
+        check_configuration(config, replace)
+        if args.check:
+            plans = config.plans()
+            print(f"config OK: {len(plans)} (dataset, model) plans, {sum(len(m) for *_, m in plans)} "
+                  f"(dataset, model, method) combinations")
+            return 0
+        summary = run(config, address=args.address, retry_failed=args.retry_failed, replace=replace)
+    except ConfigError as err:  # RunConflict included: exit 2, nothing touched
+        print(err, file=sys.stderr)
+        return 2
     print(summary.table())
     return 1 if args.fail_on_errors and summary.failed else 0

@@ -1,11 +1,15 @@
 """The two Parquet contracts (DESIGN.md): samples (what ingest writes and the job reads) and
-results (one row per sample × model × method, what the job writes and the report reads)."""
+results (one row per sample × model × method, what the job writes and the report reads).
+
+The results' per-image columns are not listed here: they are the fields that the core's metric
+groups and methods declare (`opticam_core.fields.per_image_fields`), with the Arrow types named
+there, so a new method's extras or a new metric group's fields become columns by registering."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-from opticam_core.metrics.fields import FIELDS
+from opticam_core.fields import per_image_fields
 
 BOX = pa.struct([("x0", pa.float32()), ("y0", pa.float32()), ("x1", pa.float32()), ("y1", pa.float32())])
 
@@ -24,7 +28,9 @@ SAMPLES = pa.schema([
 #: Rows per Parquet row group in sample shards: small, so Ray can split a read across actors.
 SAMPLES_ROW_GROUP = 256
 
-_KINDS = {"float": pa.float64(), "int": pa.int64(), "bool": pa.bool_(), "floats": pa.list_(pa.float32())}
+#: The Arrow type of each stored kind of per-image value (`opticam_core.fields.KINDS`).
+ARROW_TYPES = {"float64": pa.float64(), "int64": pa.int64(), "bool": pa.bool_(), "list<float32>": pa.list_(pa.float32())}
+FIELDS = per_image_fields()
 
 IDENTIFIERS = [
     ("run_id", pa.string()),
@@ -39,9 +45,9 @@ IDENTIFIERS = [
 RESULTS = pa.schema(
     IDENTIFIERS
     + [("label_name", pa.string())]
-    + [(name, _KINDS[kind]) for name, (kind, _doc) in FIELDS.items()]
+    + [(name, ARROW_TYPES[f.kind]) for name, f in FIELDS.items()]
     + [
-        ("options", pa.string()),    # the method's options as JSON (what produced the row)
+        ("options", pa.string()),    # the method's options as JSON, defaults filled in (what produced the row)
         ("seconds", pa.float64()),   # method time per image (its batch's time / batch size)
         ("error", pa.string()),      # null when the row is fine
         ("map_png", pa.binary()),    # the map as an 8-bit grayscale PNG, when saved

@@ -80,6 +80,14 @@ def s3_options() -> dict:
     return options
 
 
+_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://(?:[^/@\s]+:[^@\s]*|[^/@:\s]+)@")
+
+
+def has_credentials(uri: str) -> bool:
+    """Whether `uri` carries user[:secret]@ (an AWS secret key may hold "/")."""
+    return bool(_USERINFO.match(str(uri)))
+
+
 def fsspec_filesystem(uri: str) -> tuple["fsspec.AbstractFileSystem", str]:
     """(fsspec file system, path inside it) for a local path or a remote URI."""
     import fsspec
@@ -88,6 +96,10 @@ def fsspec_filesystem(uri: str) -> tuple["fsspec.AbstractFileSystem", str]:
     if scheme is None:
         return fsspec.filesystem("file"), os.path.abspath(path)
     if scheme in S3_SCHEMES:
+        if has_credentials(uri):
+            # S3 would take them for part of the bucket name and quote them back in its error
+            raise ValueError(f"{redact(uri)}: credentials in an s3:// URI are not used; set "
+                             "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) instead")
         return fsspec.filesystem("s3", **s3_options()), path.rstrip("/")
     fs = fsspec.filesystem(scheme)
     return fs, fs._strip_protocol(uri)
@@ -206,8 +218,9 @@ def makedirs(uri: str) -> None:
 
 _SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
 _PATTERNS = [
-    # user:password@ in any URL (s3://KEY:SECRET@bucket, http://user:pass@minio:9000)
-    (re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/\s@:\"']+:[^/\s@\"']+@"), r"\g<scheme>***@"),
+    # user:password@ in any URL (s3://KEY:SECRET@bucket, http://user:pass@minio:9000); AWS secret
+    # keys may hold "/", so the password part may too
+    (re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/\s@:\"']+:[^\s@\"']+@"), r"\g<scheme>***@"),
     # presigned-URL and header parameters
     (re.compile(r"(?i)(X-Amz-(?:Credential|Signature|Security-Token)=)[^&\s\"']+"), r"\1***"),
     (re.compile(r"(?i)((?:AWSAccessKeyId|Signature)=)[^&\s\"']+"), r"\1***"),

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from tests._peers import require
+
 BUCKET = "opticam-test"
 #: Distinctive dummy credentials, so tests can assert they never appear in output.
 ACCESS_KEY = "AKIAOPTICAMMOTO00001"
@@ -199,7 +201,7 @@ def _release() -> None:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A moto S3 server on 127.0.0.1 for the whole session, with bucket ``opticam-test``."""
-    pytest.importorskip("moto.server")
+    require("moto.server")
     server = _acquire(tmp_path_factory)
     try:
         yield server

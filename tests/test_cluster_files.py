@@ -9,7 +9,6 @@ against stub `ray` / `opticam` commands.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -23,6 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from opticam_core import metrics
+from tests._peers import require
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -31,13 +33,9 @@ except ModuleNotFoundError:  # Python 3.10
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 CONFIGS = CLUSTER / "configs"
+DEMO_CONFIG = ROOT / "pipeline" / "demo" / "demo.yaml"  # packaged, for `opticam demo` from a wheel
 IMAGE_ROOT = "/home/ray/opticam/"       # where cluster/Dockerfile puts the repository
 
-METRIC_GROUPS = ("classification", "insertion_deletion", "localization", "box_study")
-TOP_KEYS = {"run_id", "output", "datasets", "models", "methods", "metrics", "compute", "save_maps"}
-DATASET_KEYS = {"name", "uri", "limit"}
-MODEL_KEYS = {"name", "key", "weights", "checkpoint", "num_classes", "layer", "datasets"}
-COMPUTE_KEYS = {"batch_size", "actors", "gpus_per_actor", "cpus_per_actor"}
 PAPER_MODELS = ["resnet50", "vgg16_bn", "vit_base_patch16_224", "deit_base_patch16_224"]
 
 
@@ -46,112 +44,17 @@ def load(path: Path):
 
 
 def run_configs() -> list[Path]:
-    return sorted(CONFIGS.glob("*.yaml"))
+    return sorted([*CONFIGS.glob("*.yaml"), DEMO_CONFIG])
 
 
 def pyproject_dependencies() -> dict[str, str]:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + project["optional-dependencies"]["job"]  # what a cluster node runs
     return {re.split(r"[\[<>=!~ ]", d, maxsplit=1)[0].lower(): re.sub(r"\[.*?\]", "", d) for d in deps}
 
 
 def ray_version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split("."))
-
-
-# --------------------------------------------------------------------------------------------
-# The run-config shape (the contract of issue 4 §2), checked here until and beside
-# pipeline.config.load_config.
-
-
-def config_problems(cfg) -> list[str]:
-    from opticam_core.methods import METHODS, method_options
-    from opticam_core.models import ALIASES, BUILTIN
-
-    problems: list[str] = []
-    if not isinstance(cfg, dict):
-        return ["not a mapping"]
-    problems += [f"unknown top-level key {k!r}" for k in sorted(set(cfg) - TOP_KEYS)]
-    for key in ("output", "datasets", "models", "methods", "metrics", "compute"):
-        if key not in cfg:
-            problems.append(f"missing {key!r}")
-    if "run_id" in cfg and not (cfg["run_id"] is None or isinstance(cfg["run_id"], str)):
-        problems.append("run_id must be a string")
-    if not isinstance(cfg.get("output", ""), str) or not cfg.get("output"):
-        problems.append("output must be a non-empty path or URI")
-
-    names = []
-    for i, ds in enumerate(cfg.get("datasets") or []):
-        if not isinstance(ds, dict) or not {"name", "uri"} <= set(ds):
-            problems.append(f"datasets[{i}] needs name and uri")
-            continue
-        problems += [f"datasets[{i}]: unknown key {k!r}" for k in sorted(set(ds) - DATASET_KEYS)]
-        limit = ds.get("limit")
-        if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool) and limit > 0):
-            problems.append(f"datasets[{i}].limit must be null or a positive integer")
-        names.append(ds["name"])
-    if not names:
-        problems.append("datasets: at least one")
-    if len(set(names)) != len(names):
-        problems.append("datasets: duplicate names")
-
-    keys = []
-    for i, m in enumerate(cfg.get("models") or []):
-        if not isinstance(m, dict) or "name" not in m:
-            problems.append(f"models[{i}] needs a name")
-            continue
-        problems += [f"models[{i}]: unknown key {k!r}" for k in sorted(set(m) - MODEL_KEYS)]
-        name = ALIASES.get(m["name"], m["name"])
-        if name not in BUILTIN and "layer" not in m:
-            problems.append(f"models[{i}]: {m['name']!r} is not built in: it needs a layer")
-        nc = m.get("num_classes")
-        if nc is not None and not (isinstance(nc, int) and nc >= 2):
-            problems.append(f"models[{i}].num_classes must be an integer >= 2")
-        if "checkpoint" in m and not isinstance(m["checkpoint"], str):
-            problems.append(f"models[{i}].checkpoint must be a path or URI")
-        for d in m.get("datasets") or []:
-            if d not in names:
-                problems.append(f"models[{i}].datasets names an unknown dataset {d!r}")
-        keys.append(m.get("key", m["name"]))
-    if not keys:
-        problems.append("models: at least one")
-    if len(set(keys)) != len(keys):
-        problems.append("models: two models share a key (give each a unique `key`)")
-
-    methods = cfg.get("methods")
-    if not isinstance(methods, dict) or not methods:
-        problems.append("methods must be a non-empty mapping key -> options")
-    else:
-        for key, options in methods.items():
-            if key not in METHODS:
-                problems.append(f"unknown method {key!r}")
-                continue
-            if not isinstance(options, dict):
-                problems.append(f"methods.{key} must be a mapping of options")
-                continue
-            problems += [f"methods.{key}: unknown option {o!r}" for o in sorted(set(options) - set(method_options(key)))]
-
-    metrics = cfg.get("metrics")
-    groups = list(metrics) if isinstance(metrics, (list, dict)) else []
-    if not groups:
-        problems.append("metrics must be a non-empty list or mapping of groups")
-    problems += [f"unknown metric group {g!r}" for g in groups if g not in METRIC_GROUPS]
-
-    compute = cfg.get("compute")
-    if not isinstance(compute, dict):
-        problems.append("compute must be a mapping")
-    else:
-        problems += [f"compute: unknown key {k!r}" for k in sorted(set(compute) - COMPUTE_KEYS)]
-        for k in ("batch_size", "actors"):
-            v = compute.get(k)
-            if not (isinstance(v, int) and v >= 1):
-                problems.append(f"compute.{k} must be an integer >= 1")
-        for k in ("gpus_per_actor", "cpus_per_actor"):
-            v = compute.get(k, 0)
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0):
-                problems.append(f"compute.{k} must be a number >= 0")
-    if cfg.get("save_maps", "none") not in ("png", "none"):
-        problems.append("save_maps must be png or none")
-    return problems
 
 
 @pytest.fixture(scope="module")
@@ -172,41 +75,11 @@ def test_the_run_configs_are_there():
 
 
 @pytest.mark.parametrize("path", run_configs(), ids=lambda p: p.stem)
-def test_run_config_shape(path):
-    assert config_problems(load(path)) == []
+def test_run_configs_pass_the_jobs_validator(path):
+    """The same validation `opticam run --check` does (the rules live in pipeline.config only)."""
+    from pipeline.config import load_config
 
-
-def test_the_shape_check_catches_mistakes(configs):
-    """The checker above must be able to say no: each planted mistake is reported."""
-    good = configs["imagenet-val"]
-
-    def mutated(change):
-        cfg = json.loads(json.dumps(good))
-        change(cfg)
-        return config_problems(cfg)
-
-    assert mutated(lambda c: c.update(colour="red")) == ["unknown top-level key 'colour'"]
-    assert mutated(lambda c: c["methods"].update(gradcamz={})) == ["unknown method 'gradcamz'"]
-    assert mutated(lambda c: c["methods"]["opticam"].update(iters=5)) == ["methods.opticam: unknown option 'iters'"]
-    assert mutated(lambda c: c.update(metrics=["classification", "pointing"])) == ["unknown metric group 'pointing'"]
-    assert mutated(lambda c: c["models"].append({"name": "resnet50"})) == [
-        "models: two models share a key (give each a unique `key`)"]
-    assert mutated(lambda c: c["models"][0].update(datasets=["kvasir"])) == [
-        "models[0].datasets names an unknown dataset 'kvasir'"]
-    assert mutated(lambda c: c["compute"].update(actors=0)) == ["compute.actors must be an integer >= 1"]
-    assert mutated(lambda c: c["datasets"][0].update(limit=-1)) == [
-        "datasets[0].limit must be null or a positive integer"]
-    assert mutated(lambda c: c.pop("models")) == ["missing 'models'", "models: at least one"]
-    assert mutated(lambda c: c.update(save_maps="jpeg")) == ["save_maps must be png or none"]
-
-
-def test_configs_pass_the_pipelines_own_validator_when_it_exists():
-    try:
-        from pipeline.config import load_config
-    except ImportError:
-        pytest.skip("pipeline.config.load_config does not exist yet")
-    for path in run_configs():
-        load_config(path)
+    assert load_config(path).pairs()
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,12 +90,21 @@ def _normalised(value):
     return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
-def test_paper_configs_use_all_ten_methods_at_the_papers_defaults(configs):
-    from opticam_core.methods import METHODS, method_options
+def test_paper_configs_use_every_method_at_the_papers_defaults(configs):
+    from opticam_core.methods import METHODS, REGISTRY, method_options
+    from pipeline.config import load_config
 
+    cnn_methods = {k for k in METHODS if REGISTRY[k].family != "attention"}
+    for name in ("imagenet-val", "imagenet-nightly"):
+        assert set(configs[name]["methods"]) == set(METHODS), name
+        # each model runs its table's methods: Table 1 (CNNs), Table 2 (transformers: no Ablation-CAM)
+        plans = {m.key: set(methods) for _, m, methods in load_config(CONFIGS / f"{name}.yaml").plans()}
+        assert plans["resnet50"] == plans["vgg16_bn"] == cnn_methods
+        assert plans["vit_base_patch16_224"] == plans["deit_base_patch16_224"] == set(METHODS) - {"ablationcam"}
+    for name in ("chestxray", "kvasir"):  # ResNet50 and VGG16 only
+        assert set(configs[name]["methods"]) == cnn_methods, name
     for name in ("imagenet-val", "imagenet-nightly", "chestxray", "kvasir"):
         methods = configs[name]["methods"]
-        assert list(methods) == list(METHODS), name
         for key, options in methods.items():
             defaults = method_options(key)
             for option, value in options.items():
@@ -241,7 +123,7 @@ def test_imagenet_val_is_the_full_paper_setup(configs):
     for m in cfg["models"]:
         assert m["layer"] == BUILTIN[m["name"]].layer, m  # the paper's target layers (SPEC §6)
         assert m.get("weights") and "checkpoint" not in m and "num_classes" not in m
-    assert cfg["metrics"] == list(METRIC_GROUPS)
+    assert cfg["metrics"] == list(metrics.GROUPS)
     assert cfg["compute"]["gpus_per_actor"] >= 1
 
 
@@ -298,8 +180,13 @@ def test_demo_config(configs):
     assert cfg["output"] == "runs/demo"
     assert cfg["datasets"] == [{"name": "demo", "uri": "demo", "limit": None}]
     assert [m["name"] for m in cfg["models"]] == ["efficientnet_lite0"]
-    assert set(cfg["methods"]) == set(METHODS)
-    assert list(cfg["metrics"]) == list(METRIC_GROUPS)
+    # every method that serves its CNN: the attention methods need a transformer, and no ViT
+    # ships its weights in a package (the config says so)
+    from opticam_core.methods import REGISTRY
+
+    assert set(cfg["methods"]) == {k for k in METHODS if REGISTRY[k].family != "attention"}
+    assert "transformer" in DEMO_CONFIG.read_text()
+    assert list(cfg["metrics"]) == list(metrics.GROUPS)
     compute = cfg["compute"]
     assert compute["actors"] == 1 and compute["batch_size"] == 8 and compute["gpus_per_actor"] == 0
     # A local Ray on a 2-core laptop has 4 logical CPUs (pipeline.job.ensure_ray): the actors must
@@ -309,12 +196,11 @@ def test_demo_config(configs):
     assert compute["actors"] * compute["cpus_per_actor"] < local_cpus(2)
 
     # Every setting that departs from the paper says why, in a comment just above or beside it.
-    lines = (CONFIGS / "demo.yaml").read_text().splitlines()
-    from opticam_core.metrics import compute as compute_metrics
+    lines = DEMO_CONFIG.read_text().splitlines()
+    from opticam_core.metrics import GROUPS as METRIC_GROUPS
 
-    metric_defaults = {n: p.default for n, p in inspect.signature(compute_metrics).parameters.items()}
     settings = [(key, options, method_options(key)) for key, options in cfg["methods"].items()]
-    settings += [(group, options or {}, metric_defaults) for group, options in cfg["metrics"].items()]
+    settings += [(group, options or {}, METRIC_GROUPS[group].defaults()) for group, options in cfg["metrics"].items()]
     for key, options, defaults in settings:
         changed = [o for o, v in options.items() if _normalised(v) != _normalised(defaults[o])]
         if not changed:
@@ -348,8 +234,8 @@ def test_runtime_env(tmp_path):
 
 
 def test_ray_up_config_passes_rays_own_validation():
-    pytest.importorskip("jsonschema")
-    pytest.importorskip("boto3")
+    require("jsonschema")
+    require("boto3")
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     cfg = load(CLUSTER / "aws.yaml")
@@ -520,7 +406,7 @@ def _dry_run_command(out: str) -> list[str]:
 
 def test_submit_dry_run(tmp_path):
     r = _submit(tmp_path, "--dry-run", "--run-id", "r1", "--output", "s3://b/out", "--no-wait",
-                str(CONFIGS / "demo.yaml"), "--", "--extra-flag",
+                str(DEMO_CONFIG), "--", "--extra-flag",
                 RAY_ADDRESS="http://10.0.0.5:8265", AWS_ENDPOINT_URL="http://127.0.0.1:9000",
                 AWS_SECRET_ACCESS_KEY="do-not-leak", AWS_ACCESS_KEY_ID="AKIA-do-not-leak")
     assert r.returncode == 0, r.stderr
@@ -528,7 +414,7 @@ def test_submit_dry_run(tmp_path):
     assert argv[argv.index("--address") + 1] == "http://10.0.0.5:8265"
     assert "--no-wait" in argv
     sep = argv.index("--")
-    assert argv[sep + 1:] == ["opticam", "run", "cluster/configs/demo.yaml", "--run-id", "r1",
+    assert argv[sep + 1:] == ["opticam", "run", "pipeline/demo/demo.yaml", "--run-id", "r1",
                               "--output", "s3://b/out", "--extra-flag"]
     runtime_env = json.loads(argv[argv.index("--runtime-env-json") + 1])
     assert runtime_env["working_dir"] == "." and "pip" in runtime_env
@@ -559,19 +445,19 @@ def test_submit_runs_ray_and_returns_its_status(tmp_path):
     _env(tmp_path)  # creates bin/
     _stub(tmp_path / "bin", "ray",
           f'printf "%s\\n" "$PWD" "$@" > {shlex.quote(str(log))}\nexit "${{STUB_RAY_EXIT:-0}}"\n')
-    ok = _submit(tmp_path, "--run-id", "r2", str(CONFIGS / "demo.yaml"))
+    ok = _submit(tmp_path, "--run-id", "r2", str(DEMO_CONFIG))
     assert ok.returncode == 0, ok.stderr
     called = log.read_text().splitlines()
     assert called[0] == str(ROOT)  # submitted from the repository root: working_dir "." is the checkout
     assert called[1:4] == ["job", "submit", "--address"]
     assert "ray job logs opticam-r2-" in ok.stdout
-    failed = _submit(tmp_path, "--run-id", "r2", str(CONFIGS / "demo.yaml"), STUB_RAY_EXIT="1")
+    failed = _submit(tmp_path, "--run-id", "r2", str(DEMO_CONFIG), STUB_RAY_EXIT="1")
     assert failed.returncode == 1
 
 
 def test_submit_refuses_a_config_outside_the_checkout(tmp_path):
     outside = tmp_path / "mine.yaml"
-    outside.write_text((CONFIGS / "demo.yaml").read_text())
+    outside.write_text(DEMO_CONFIG.read_text())
     r = _submit(tmp_path, "--dry-run", str(outside))
     assert r.returncode == 2 and "outside the repository" in r.stderr
 

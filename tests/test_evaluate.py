@@ -4,6 +4,7 @@ directly, and nothing lost on awkward samples or failing methods."""
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -58,8 +59,8 @@ def test_rows_equal_direct_calls_and_png_is_the_map(evaluator):
     images = torch.stack([preprocess(decode_image(r["image"])) for r in rows])
     targets = torch.tensor([r["label"] for r in rows])
     ex = explain(evaluator.bundle, images, targets, "gradcam")
-    direct = compute(evaluator.bundle, images, targets, ex.maps, None, which=("classification", "insertion_deletion"),
-                     steps=4)
+    direct = compute(evaluator.bundle, images, targets, ex.maps, None,
+                     which={"classification": {}, "insertion_deletion": TOY_METRICS["insertion_deletion"]})
     for i, r in enumerate(rows):
         row = df.loc[(r["sample_id"], "gradcam")]
         assert row.p == pytest.approx(direct["p"][i].item(), rel=1e-5)
@@ -111,7 +112,7 @@ def test_only_the_missing_rows_are_computed(evaluator):
                                                      ("img0002", "opticam")]
 
 
-def test_a_method_failing_on_one_image_costs_only_its_rows(evaluator, monkeypatch):
+def test_a_method_failing_on_one_image_costs_only_its_rows(evaluator, monkeypatch, caplog):
     real = evaluate.explain
     rows = photo_rows(3, seed=9)
     poison = preprocess(decode_image(rows[1]["image"]))
@@ -123,7 +124,13 @@ def test_a_method_failing_on_one_image_costs_only_its_rows(evaluator, monkeypatc
         return real(bundle, images, targets, method, **options)
 
     monkeypatch.setattr(evaluate, "explain", flaky)
-    df = evaluator(table(rows)).to_pandas().set_index(["sample_id", "method"])
+    with caplog.at_level(logging.WARNING, logger="pipeline.evaluate"):
+        df = evaluator(table(rows)).to_pandas().set_index(["sample_id", "method"])
+    # the shared call's failure is not swallowed: one warning for the batch, naming the methods
+    warnings = [r.getMessage() for r in caplog.records if r.name == "pipeline.evaluate"]
+    assert len(warnings) == 1, warnings
+    assert "3 images with " + ", ".join(TOY_METHODS) + " together failed" in warnings[0]
+    assert "RuntimeError: boom on img0001" in warnings[0]
     assert len(df) == 3 * len(TOY_METHODS)
     assert "boom" in df.loc[("img0001", "gradcam")].error
     assert df.drop(("img0001", "gradcam")).error.isna().all()

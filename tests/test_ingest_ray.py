@@ -12,10 +12,19 @@ import pytest
 
 from pipeline import storage
 from pipeline.datasets import IngestOptions, ingest
+from tests._peers import require
 from tests.s3server import ACCESS_KEY, SECRET_KEY
-from tests.test_ingest import FOLDER_BOXES, check_imagenet_rows, make_folder, make_imagenet, put, read_rows, row_group_sizes
+from tests.test_ingest import (
+    FOLDER_BOXES,
+    check_imagenet_rows,
+    make_folder,
+    make_imagenet,
+    put,
+    read_rows,
+    row_group_sizes,
+)
 
-ray = pytest.importorskip("ray")
+ray = require("ray")
 
 
 @pytest.fixture(scope="module")

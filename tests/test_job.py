@@ -13,6 +13,7 @@ import pytest
 from pipeline import storage
 from pipeline.config import load_config
 from pipeline.job import plan_uri, run, run_uri
+from tests._peers import require
 from tests._samples import (
     TOY_METHODS,
     awkward_rows,
@@ -22,7 +23,7 @@ from tests._samples import (
 )
 from tests.s3server import ACCESS_KEY, SECRET_KEY
 
-ray = pytest.importorskip("ray")
+ray = require("ray")
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ Every check is on the rows: each (sample, method) exactly once, none missing."""
 from __future__ import annotations
 
 import collections
+import json
 import os
 import shutil
 import signal
@@ -15,15 +16,17 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.dataset as pads
 import pytest
 import yaml
 
 from pipeline.config import load_config
 from pipeline.job import plan_uri, run, run_uri
+from tests._peers import require
 from tests._samples import photo_rows, toy_config, write_samples
 
-ray = pytest.importorskip("ray")
+ray = require("ray")
 pytestmark = pytest.mark.slow
 
 VENV_BIN = Path(sys.executable).parent
@@ -92,30 +95,60 @@ def test_ray_job_submit_to_a_head_on_loopback(tmp_path):
     assert_complete(run_uri(str(tmp_path / "out"), "submitted"), 6)
 
 
+#: Set (by `Cluster.add_node(env_vars=...)`) on the node the test will remove: the path of a journal.
+STALL = "OPTICAM_TEST_STALL_JOURNAL"
+
+
+def stall_on_marked_node():
+    """A Ray worker setup hook. On the marked node the Evaluator journals each batch it is
+    given (its node and sample ids) and never finishes it, so that node's actor is certainly in
+    the middle of known batches when the node goes, and none of its rows can have been written."""
+    journal = os.environ.get(STALL)
+    if not journal:
+        return
+    from pipeline import evaluate
+
+    def stalled(self, batch):
+        entry = {"node": ray.get_runtime_context().get_node_id(), "samples": batch.column("sample_id").to_pylist()}
+        with open(journal, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        threading.Event().wait()
+
+    evaluate.Evaluator.__call__ = stalled
+
+
+def readable_keys(dest: str) -> set:
+    """(sample, method) of every result file that can be read now (the job may be mid-write)."""
+    keys = set()
+    for name in os.listdir(dest) if os.path.isdir(dest) else []:
+        if name.endswith(".parquet"):
+            try:
+                t = pads.dataset(os.path.join(dest, name), format="parquet").to_table(columns=["sample_id", "method"])
+            except Exception:  # a file being written: not there yet
+                continue
+            keys |= set(zip(t.column("sample_id").to_pylist(), t.column("method").to_pylist()))
+    return keys
+
+
 def test_work_spreads_over_nodes_and_survives_losing_one(tmp_path):
     from ray.cluster_utils import Cluster
-    from ray.util.state import list_actors
 
-    n = 24
+    n = 16
     samples = write_samples(tmp_path / "samples", photo_rows(n), row_group=2)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    workers = [cluster.add_node(num_cpus=2, resources={"evaluator": 2}) for _ in range(2)]
+    journal = tmp_path / "stalled.jsonl"
+    # Reads, selects and writes need CPUs, which only the head has; each worker node has room
+    # for exactly one actor, so the two actors sit on the two nodes.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
+    cluster.add_node(num_cpus=0, resources={"evaluator": 1})
+    doomed = cluster.add_node(num_cpus=0, resources={"evaluator": 1}, env_vars={STALL: str(journal)})
     cluster.wait_for_nodes()
     try:
-        ray.init(address=cluster.address)
+        # the hook travels by value: workers cannot import this test module
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        ray.init(address=cluster.address, runtime_env={"worker_process_setup_hook": stall_on_marked_node})
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
         spec = toy_config(str(samples), str(tmp_path / "out"), methods=METHODS, actors=2, batch_size=2)
-        # one actor per worker node: each needs more than half of a node's "evaluator" slots
-        spec["compute"]["resources"] = {"evaluator": 1.5}
-        cfg = load_config(spec, run_id="spread")
-        run(cfg, log=lambda *_: None)
-        assert_complete(run_uri(cfg.output, "spread"), n)
-        actors = [a for a in list_actors(detail=True, limit=1000) if "MapWorker" in (a.class_name or "")]
-        worker_ids = {w.node_id for w in workers}
-        used = {a.node_id for a in actors if a.node_id in worker_ids}
-        assert used == worker_ids, f"actors ran on {used}, expected both worker nodes"
-
-        # Now lose a node mid-run: the job finishes on the survivor, nothing lost, nothing twice.
-        spec["compute"]["resources"] = {"evaluator": 1}
+        spec["compute"].update(cpus_per_actor=0, resources={"evaluator": 1})
         cfg = load_config(spec, run_id="lose-node")
         dest = plan_uri(cfg.output, "lose-node", "toy", "test_efficientnet")
         errors = []
@@ -126,16 +159,32 @@ def test_work_spreads_over_nodes_and_survives_losing_one(tmp_path):
             except Exception as err:  # reported below
                 errors.append(err)
 
-        job = threading.Thread(target=go)
+        job = threading.Thread(target=go, daemon=True)  # a hung job must not hang pytest's exit
         job.start()
         deadline = time.time() + 600
-        while time.time() < deadline and not (os.path.isdir(dest) and any(f.endswith(".parquet") for f in os.listdir(dest))):
+        while time.time() < deadline and job.is_alive() and not (journal.exists() and readable_keys(dest)):
             time.sleep(0.5)
-        cluster.remove_node(workers[1])
-        job.join(timeout=900)
+        assert journal.exists(), f"no batch reached the doomed node's actor (job errors: {errors})"
+        assert readable_keys(dest), "the other node's actor wrote no rows"
+        # Room for the lost actor to come back, then lose the node while the job waits on it.
+        cluster.add_node(num_cpus=0, resources={"evaluator": 1})
+        cluster.wait_for_nodes()
+        stalled = [json.loads(line) for line in journal.read_text().splitlines()]
+        assert {e["node"] for e in stalled} == {doomed.node_id}
+        lost = {(sid, m) for e in stalled for sid in e["samples"] for m in METHODS}
+        assert job.is_alive(), "the job ended before the node was removed"
+        before = readable_keys(dest)
+        assert before and lost and not before & lost  # rows written, rows still missing
+        removed_at = pd.Timestamp.now(tz="UTC")
+        cluster.remove_node(doomed)
+        job.join(timeout=600)
         assert not job.is_alive(), "the job did not finish after losing a node"
         assert not errors, errors
         assert_complete(run_uri(cfg.output, "lose-node"), n)
+        rows = pads.dataset(dest, format="parquet").to_table(columns=["sample_id", "method", "created"]).to_pandas()
+        redone = rows[[k in lost for k in zip(rows.sample_id, rows.method)]]
+        # the lost actor's batches: each (sample, method) once, computed after the node was gone
+        assert len(redone) == len(lost) and (redone.created > removed_at).all()
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -31,8 +31,9 @@ from opticam_core import explain
 from opticam_core.maps import normalize, upsample
 
 from . import _toys
+from ._peers import require
 
-pgc = pytest.importorskip("pytorch_grad_cam")
+pgc = require("pytorch_grad_cam")
 from pytorch_grad_cam.ablation_layer import AblationLayer, AblationLayerVit  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 

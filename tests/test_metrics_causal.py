@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from opticam_core import metrics as M
-from tests import _toys
 from opticam_core.metrics.causal import blur_images
+from tests import _toys
+from tests._peers import require
 from tests.test_metrics_classification import MEAN, STD, linear_bundle
 
 
@@ -139,7 +140,7 @@ class _FixedMaps:
 
 
 def test_torchcam_deletion_insertion_agree():
-    tcm = pytest.importorskip("torchcam.metrics")
+    tcm = require("torchcam.metrics")
     bundle = _toys.cnn_bundle()
     images = _toys.images(3, seed=5)
     maps = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(2))

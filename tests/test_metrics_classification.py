@@ -14,9 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from opticam_core import wrap_model
 from opticam_core import metrics as M
-
+from opticam_core import wrap_model
 
 MEAN = (0.25, 0.5, 0.125)  # exact in float32, the dtype of the bundle's buffers
 STD = (0.5, 0.25, 2.0)

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from opticam_core import metrics as M
 from opticam_core.metrics.components import largest_component_boxes
+from tests._peers import require
 from tests.test_metrics_classification import closed_form_logit, linear_bundle
-
 
 # ---------------------------------------------------------------------------------------------
 # Components
@@ -107,9 +107,35 @@ def test_box_iou_per_threshold():
     gt = torch.tensor([[3.0, 3.0, 7.0, 5.0]])
     iou = M.localization(s, [gt])["box_iou"][0]
     assert iou.shape == (100,)
-    assert iou[0].item() == pytest.approx(8 / 100)  # η = 0: every pixel, the whole image
-    assert torch.allclose(iou[1:51], torch.full((50,), 8 / 64))  # 0 < η ≤ 0.5: the ring's box
-    assert torch.allclose(iou[51:], torch.ones(49))  # η > 0.5: the core
+    # strict thresholds ({S > η}, App. B.5): η = 0 keeps the ring, not the whole image
+    assert torch.allclose(iou[:50], torch.full((50,), 8 / 64))  # 0 ≤ η < 0.5: the ring's box
+    assert torch.allclose(iou[50:], torch.ones(50))  # η ≥ 0.5: the core
+
+
+def _box_accuracy(maps, boxes):
+    out = M.localization(maps, boxes)
+    return M.aggregate({"has_box": out["has_box"], "box_iou": out["box_iou"]})["BA"].value
+
+
+def test_box_accuracy_has_no_floor():
+    """A map that misses every box scores BA 0 (with ≥, η = 0 kept the whole image and gave such a
+    map the whole-image box's accuracy); a map equal to the box's indicator scores 100."""
+    H = W = 32
+    gt = torch.tensor([[2.0, 2.0, 12.0, 12.0]])  # pixels 2…11, the top-left corner
+    miss = torch.zeros(2, H, W)
+    miss[0, 20:30, 20:30] = 1.0                                                      # a blob in the opposite corner
+    miss[1, 16:, 16:] = torch.linspace(0.2, 1.0, 16)[None, :] * torch.ones(16, 1)  # graded, still outside
+    assert _box_accuracy(miss, [gt, gt]) == 0.0
+    hit = torch.zeros(2, H, W)
+    hit[:, 2:12, 2:12] = 1.0
+    hit[1, 2:12, 2:12] = 0.3  # any level: {S > η} is the box for every η below it, and the best η counts
+    assert _box_accuracy(hit, [gt, gt]) == 100.0
+    # the whole-image box's IoU with this box is 100/1024 < 0.3: the old ≥ floor would not show
+    # here; it shows for a large box, which the whole image hits at δ = 0.3 and 0.5
+    big = torch.tensor([[0.0, 0.0, 24.0, 24.0]])  # 576/1024 of the image
+    far = torch.zeros(1, H, W)
+    far[0, 28:, 28:] = 1.0
+    assert _box_accuracy(far, [big]) == 0.0
 
 
 def test_pointing_with_and_without_tolerance():
@@ -204,7 +230,7 @@ def test_saliency_metric_closed_form():
 
 
 def test_quantus_energy_and_pointing_agree():
-    quantus = pytest.importorskip("quantus")
+    quantus = require("quantus")
     gen = torch.Generator().manual_seed(9)
     maps = F.interpolate(torch.rand(6, 1, 4, 4, generator=gen), size=(24, 24), mode="bilinear")[:, 0]
     maps[5] = 1.0

@@ -9,18 +9,15 @@ import torch
 
 from opticam_core import explain, load_model
 from opticam_core import metrics as M
-
+from tests._peers import require
 
 PHOTOS = {"chelsea": 281, "coffee": 967, "rocket": 657}  # tabby cat, espresso, missile
 
 
 @pytest.fixture(scope="module")
 def real():
-    skimage_data = pytest.importorskip("skimage.data")
-    try:
-        bundle = load_model("efficientnet_lite0")
-    except Exception as err:  # pragma: no cover - the weights ship in a hard dependency
-        pytest.skip(f"efficientnet_lite0 weights unavailable: {err}")
+    skimage_data = require("skimage.data")
+    bundle = load_model("efficientnet_lite0")  # its weights ship in a hard dependency: no skip
     images = torch.stack([M.preprocess(torch.from_numpy(getattr(skimage_data, n)().copy()).permute(2, 0, 1))
                           for n in PHOTOS])
     targets = torch.tensor(list(PHOTOS.values()))

@@ -12,7 +12,6 @@ from torchvision import tv_tensors
 from opticam_core import metrics as M
 from opticam_core.boxes import near_boxes
 
-
 SIZES = [(300, 451), (451, 300), (500, 500), (257, 1000), (341, 500), (224, 225), (1001, 333)]
 
 

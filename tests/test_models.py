@@ -11,7 +11,13 @@ import urllib.error
 import pytest
 import torch
 
-from opticam_core import BUILTIN, ModelError, WeightsUnavailableError, load_model, wrap_model
+from opticam_core import (
+    BUILTIN,
+    ModelError,
+    WeightsUnavailableError,
+    load_model,
+    wrap_model,
+)
 from opticam_core.hooks import capture, hook_count
 
 from . import _toys

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from tests._peers import require
 from tests._runs import make_run
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
+nbformat = require("nbformat")
+nbclient = require("nbclient")
+require("ipykernel")
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "analysis.ipynb"

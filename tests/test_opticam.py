@@ -52,8 +52,11 @@ def reference(bundle, x, c, *, iterations=100, lr=0.1, objective="mask", normali
 
     def objective_of(u):
         mask = mask_of(u)
-        logit = bundle.model(x * mask)[0, c]
-        return (logit if objective == "mask" else -(clean - logit).abs()), mask
+        kept = bundle.model(x * mask)[0, c]
+        removed = bundle.model(x * (1 - mask))[0, c]  # the image without its salient part
+        value = {"mask": kept, "diff": -(clean - kept).abs(), "iomask": kept - removed,
+                 "iodiff": -(clean - kept).abs() + (clean - removed).abs()}[objective]
+        return value, mask
 
     u = torch.full((feats.shape[0],), 0.5, dtype=x.dtype, requires_grad=True)
     opt = torch.optim.Adam([u], lr=lr)
@@ -132,7 +135,7 @@ def test_defaults_are_the_papers():
 
 
 @pytest.mark.parametrize("normalization", ["range", "max", "sigmoid"])
-@pytest.mark.parametrize("objective", ["mask", "diff"])
+@pytest.mark.parametrize("objective", ["mask", "diff", "iomask", "iodiff"])
 def test_matches_reference_variants(cnn, batch, objective, normalization):
     x, t = batch
     opts = dict(iterations=12, lr=0.2, objective=objective, normalization=normalization)
@@ -207,6 +210,22 @@ def test_diff_objective_definition(cnn, batch):
     torch.testing.assert_close(exp.extras["objective"], -(clean - masked).abs(), **TOL)
     assert (exp.extras["objective"] <= 0).all()
     assert (exp.extras["objective"] >= exp.extras["objective_start"]).all()
+
+
+def test_in_out_objectives_definition(cnn, batch):
+    """App. F: the in-out objectives also score the image without the map; reported objectives
+    are those definitions evaluated on the returned maps."""
+    x, t = batch
+    with torch.no_grad():
+        clean = cnn.model(x).gather(1, t[:, None])[:, 0]
+    for objective in ("iomask", "iodiff"):
+        exp = explain(cnn, x, t, "opticam", iterations=6, objective=objective)
+        with torch.no_grad():
+            kept = cnn.model(x * exp.maps[:, None]).gather(1, t[:, None])[:, 0]
+            removed = cnn.model(x * (1 - exp.maps[:, None])).gather(1, t[:, None])[:, 0]
+        expected = kept - removed if objective == "iomask" else -(clean - kept).abs() + (clean - removed).abs()
+        torch.testing.assert_close(exp.extras["objective"], expected, **TOL)
+        assert (exp.extras["objective"] >= exp.extras["objective_start"]).all()
 
 
 def test_normalizations_per_definition(cnn, batch):

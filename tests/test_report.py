@@ -9,6 +9,7 @@ from __future__ import annotations
 import html.parser
 import json
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +19,29 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from opticam_core.metrics import aggregate
 from pipeline.cli import main as opticam
 from pipeline.report import aggregate_rows, open_run, read_rows, row_counts
-from pipeline.report.aggregates import Aggregator, counts_from_indices, per_image_frame, resample_indices
+from pipeline.report.aggregates import (
+    Aggregator,
+    counts_from_indices,
+    per_image_frame,
+    resample_indices,
+)
 from pipeline.report.figures import DPI, preprocess_image
 from pipeline.report.paper import paper_value, paper_values
 from pipeline.report.runs import RunNotFound, list_runs, previous_run
-from pipeline.report.tables import FIGURE2, build_tables, latex_escape, runtime_table, table_latex, \
-    table_markdown, tables_frame
+from pipeline.report.tables import (
+    FIGURE2,
+    build_tables,
+    latex_escape,
+    runtime_table,
+    table_latex,
+    table_markdown,
+    tables_frame,
+)
 from pipeline.schema import RESULTS
-from opticam_core.metrics import aggregate
 from tests._runs import make_run
-
 
 # --------------------------------------------------------------------------------------------
 # A 4-image run with hand-picked values (see the numbers worked out in the tests)
@@ -238,8 +250,16 @@ def test_paper_values_only_for_the_papers_setting():
     assert paper_value("fig2", "kvasir", "resnet50", "opticam", "AD", split="test") is None
     assert paper_value("fig2", "imagenet-train", "resnet50", "opticam", "AD", split="train") is None
     assert paper_value("fig2", "imagenet-val", "efficientnet_lite0", "opticam", "AD", split="val") is None
-    # every number of SPEC §5's Figure 2 table is there: 8 methods × (4 models × 3 + 2 models × 2)
-    assert sum(1 for k in paper_values() if k[0] == "fig2") == 8 * 16
+    # the full paper's tables, not only the poster's: Tables 1-2 (AD/AG/AI) and 3 (I/D) have
+    # 12 CNN rows (Ablation-CAM, HiRes-CAM, LIME, GradSHAP included) and 14 transformer rows
+    # (RawAtt, Rollout, TIBAV; no Ablation-CAM); Table 3 has no HiRes-CAM row
+    fig2 = {k for k in paper_values() if k[0] == "fig2"}
+    assert len(fig2) == (12 + 14) * 2 * 3 + (11 + 13) * 2 * 2
+    assert paper_value("fig2", "imagenet-val", "resnet50", "hirescam", "AD", split="val") == pytest.approx(12.2)
+    assert paper_value("fig2", "imagenet-val", "vit_base_patch16_224", "tibav", "I", split="val") == pytest.approx(66.1)
+    assert paper_value("fig3", "imagenet-val", "deit_base_patch16_224", "rollout", "SP", split="val") == pytest.approx(36.5)
+    assert paper_value("fig2", "imagenet-val", "vgg16_bn", "ablationcam", "D", split="val") == pytest.approx(11.4)
+    assert paper_value("timing", "imagenet-val", "vgg16_bn", "lime", "seconds", split="val") == pytest.approx(0.67 / 8)
 
 
 def test_bootstrap_intervals_are_seeded_and_the_vectorised_path_matches(hand_run):
@@ -276,6 +296,40 @@ def test_bootstrap_intervals_are_seeded_and_the_vectorised_path_matches(hand_run
         for k in ("AD", "AG", "AI", "I", "BA", "OM", "F1", "SM"):
             np.testing.assert_allclose(vec[k], loop[k], rtol=1e-9, atol=1e-9, equal_nan=True)
 
+
+
+def test_bootstrap_intervals_are_the_percentiles_of_the_resampled_definitions(tmp_path):
+    """The intervals recomputed without the report's code: the same resamples (the documented
+    draw: one generator per (dataset, model, method, subset), seeded by the run seed and the
+    CRC-32s of those names; R×N indices with replacement over the group's rows by sample id),
+    SPEC §4's AD/AG/AI on each, and numpy's 2.5 and 97.5 percentiles."""
+    spec = make_run(tmp_path / "out", "boot", datasets={"toy": 30}, methods=("gradcam", "opticam"),
+                    failed=[("resnet50", "opticam", 4)], constant=[])
+    rows = read_rows(spec.uri)
+    resamples, seed = 60, 7
+    cells = aggregate_rows(rows, resamples=resamples, seed=seed, aggregate=aggregate)
+    checked = 0
+    for method in ("gradcam", "opticam"):
+        ok = rows[(rows["method"] == method) & rows["error"].isna()].sort_values("sample_id")
+        p, o = ok["p"].to_numpy(float), ok["o"].to_numpy(float)
+        assert np.isfinite(p).all() and np.isfinite(o).all() and ((p > 0) & (p < 1)).all()
+        names = ["toy", "resnet50", method, "all"]
+        rng = np.random.default_rng([seed, *(zlib.crc32(n.encode()) for n in names)])
+        idx = rng.integers(0, len(ok), size=(resamples, len(ok)))
+        pr, orr = p[idx], o[idx]
+        replicates = {
+            "AD": 100 * (np.maximum(pr - orr, 0) / pr).mean(1),
+            "AG": 100 * (np.maximum(orr - pr, 0) / (1 - pr)).mean(1),
+            "AI": 100 * (pr < orr).mean(1),
+        }
+        for metric, reps in replicates.items():
+            cell = _value(cells, method, metric)
+            assert cell["n"] == len(ok) and cell["excluded"] == 0
+            lo, hi = np.percentile(reps, [2.5, 97.5])
+            assert lo < hi  # a degenerate interval would compare nothing
+            np.testing.assert_allclose([cell["lo"], cell["hi"]], [lo, hi], rtol=1e-12, atol=1e-9)
+            checked += 1
+    assert checked == 6
 
 def test_runtime_table(tmp_path):
     def edit(df):

@@ -9,9 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.cli import main as opticam
-from pipeline.report import compare_rows, open_run, parse_thresholds, read_rows, violations
 from opticam_core.metrics import aggregate
+from pipeline.cli import main as opticam
+from pipeline.report import (
+    compare_rows,
+    open_run,
+    parse_thresholds,
+    read_rows,
+    violations,
+)
 from tests._runs import make_run
 
 N = 40

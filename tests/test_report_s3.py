@@ -44,8 +44,8 @@ def test_report_reads_runs_from_s3(tmp_path, s3_prefix):  # noqa: F811
     assert (out / "index.html").is_file() and (out / "comparison.csv").is_file()
     assert (out / "figures" / "maps_imagenet-val_resnet50.png").is_file()
     # the photo came from the samples in S3: the grid's first column is not blank
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     with Image.open(out / "figures" / "maps_imagenet-val_resnet50.png") as im:
         px = np.asarray(im.convert("RGB"), dtype=float)

@@ -55,6 +55,10 @@ def test_redact(monkeypatch):
                    "FwoGZXIvYXdzEBYaDH", "ASIAZZZZZZZZZZZZZZZZ"):
         assert leaked not in out, (leaked, out)
     assert "s3://***@bucket/key" in out and "http://***@minio:9000/b" in out
+    # a secret that is not in the environment, with the "/" AWS secrets may hold
+    assert storage.redact("s3://AKIDX:ab/cd+ef@bucket/k") == "s3://***@bucket/k"
+    assert storage.has_credentials("s3://AKIDX:ab/cd+ef@bucket/k") and storage.has_credentials("s3://me@bucket")
+    assert not storage.has_credentials("s3://bucket/dir/a:b@c.parquet")
     plain = "wrote 12 rows to s3://bucket/samples/part-00000.parquet (label_name: tench, Tinca tinca)"
     assert storage.redact(plain) == plain
 

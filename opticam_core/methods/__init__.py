@@ -1,7 +1,7 @@
 """Saliency methods: `explain(bundle, images, targets, method, **options)`.
 
-Keys (SPEC §2): fakecam, gradcam, gradcampp, xgradcam, layercam, hirescam, scorecam,
-ablationcam, extremal, opticam.
+The keys, families, names and options of the methods come from their registrations
+(`registry.py`); `METHODS` lists them in the paper's table order.
 """
 
 from __future__ import annotations
@@ -9,25 +9,27 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from pydantic import BaseModel
 
-from ..choices import check_choice
 from ..models import ModelBundle
-from . import extremal, fake, gradient, opticam, perturbation  # noqa: F401  (registration)
-from .base import REGISTRY, Context, Explanation, method_options, run_method
-from .gradient import GRADIENT_METHODS
+from ..options import OptionsError
+from . import (  # noqa: F401  (each module registers its methods)
+    extremal,
+    fake,
+    gradient,
+    opticam,
+    perturbation,
+)
+from .base import Context, Explanation, run_method
+from .registry import FAMILIES, REGISTRY, MethodSpec, Requirement, method_spec, methods
 
-METHODS = ("fakecam", "gradcam", "gradcampp", "xgradcam", "layercam", "hirescam",
-           "scorecam", "ablationcam", "extremal", "opticam")
-assert set(METHODS) == set(REGISTRY), "every method key must be registered"
+METHODS = methods()
+GRADIENT_METHODS = methods("gradient")
 
 
-def check_options(key: str, options: dict) -> dict:
-    check_choice("method", key, METHODS)
-    valid = method_options(key)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for {key!r}; valid: {sorted(valid) or 'none'}")
-    return dict(options)
+def method_options(key: str) -> dict[str, object]:
+    """The options method `key` accepts, with their defaults (types: `method_spec(key).option_types()`)."""
+    return method_spec(key).defaults()
 
 
 def _check_inputs(bundle: ModelBundle, images, targets) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,33 +46,48 @@ def _check_inputs(bundle: ModelBundle, images, targets) -> tuple[torch.Tensor, t
     return images, targets
 
 
+def _per_method_options(method: str | Sequence[str], options: dict) -> dict[str, BaseModel]:
+    """key → validated options, in the order asked."""
+    single = isinstance(method, str)
+    keys = [method] if single else list(method)
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"a method is listed twice: {keys}")
+    specs = [method_spec(k) for k in keys]
+    if not single:
+        stray = sorted(set(options) - set(keys))
+        if stray:
+            raise ValueError(f"with a list of methods, options go per method (e.g. opticam={{...}}); "
+                             f"{stray} is not among {keys}")
+    validated, problems = {}, []
+    for s in specs:
+        try:
+            validated[s.key] = s.validate(options if single else options.get(s.key))
+        except OptionsError as err:
+            problems += err.problems
+    if problems:
+        raise OptionsError(problems)
+    return validated
+
+
 def explain(bundle: ModelBundle, images: torch.Tensor, targets, method: str | Sequence[str], **options):
     """Saliency maps of `method` (a key, or a list of keys) for `images` and class `targets`.
 
     One key: options are that method's, and one `Explanation` comes back. A list: options are
     given per method (`opticam={"iterations": 50}`), the methods share their passes, and a dict
-    key → Explanation comes back in the order asked. Maps land on the images' device.
+    key → Explanation comes back in the order asked. Options are validated against each method's
+    typed schema first (`OptionsError` names every bad one). Maps land on the images' device.
     """
-    single = isinstance(method, str)
-    keys = [method] if single else list(method)
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"a method is listed twice: {keys}")
-    if single:
-        per_method = {method: check_options(method, options)}
-    else:
-        stray = sorted(set(options) - set(keys))
-        if stray:
-            raise ValueError(f"with a list of methods, options go per method (e.g. opticam={{...}}); "
-                             f"{stray} is not among {keys}")
-        per_method = {k: check_options(k, options.get(k) or {}) for k in keys}
-
+    per_method = _per_method_options(method, options)
+    for key in per_method:
+        REGISTRY[key].check_serves(bundle)
     images, targets = _check_inputs(bundle, images, targets)
     home = images.device
     ctx = Context(bundle, images.to(bundle.device), targets.to(bundle.device))
     # Gradient methods first: their pass also yields the features and logits the others reuse.
-    order = sorted(keys, key=lambda k: k not in GRADIENT_METHODS)
+    order = sorted(per_method, key=lambda k: REGISTRY[k].family != "gradient")
     results = {k: run_method(k, ctx, per_method[k]).to(home) for k in order}
-    return results[method] if single else {k: results[k] for k in keys}
+    return results[method] if isinstance(method, str) else {k: results[k] for k in per_method}
 
 
-__all__ = ["explain", "Explanation", "METHODS", "GRADIENT_METHODS", "method_options"]
+__all__ = ["explain", "Explanation", "FAMILIES", "METHODS", "GRADIENT_METHODS", "MethodSpec", "Requirement", "method_options",
+           "method_spec"]

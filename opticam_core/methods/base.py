@@ -3,15 +3,17 @@ several methods asked together reuse one forward (and one backward) pass."""
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from pydantic import BaseModel
 
 from ..hooks import capture
 from ..models import ModelBundle
+from ..options import as_json, as_kwargs
+from .registry import REGISTRY
 
 
 @dataclass
@@ -21,8 +23,9 @@ class Explanation:
     maps: B×H×W in [0,1]. extras: per-image tensors with B rows (always `constant`, True where
     the raw map was constant: under min–max normalisation, every CAM's, it became zeros; Opti-CAM
     with `max` gives zeros too, with `sigmoid` σ of the constant; method-specific diagnostics
-    besides, e.g. Opti-CAM's B×iterations `objective_history`). seconds:
-    wall time of the method on this batch, including its share of passes it reused.
+    besides, e.g. Opti-CAM's B×iterations `objective_history`; every extra is declared in the
+    method's registration). seconds: wall time of the method on this batch, including its share
+    of passes it reused. options: every option's value (defaults filled in), as JSON values.
     """
 
     method: str
@@ -35,24 +38,6 @@ class Explanation:
         self.maps = self.maps.to(device)
         self.extras = {k: v.to(device) for k, v in self.extras.items()}
         return self
-
-
-MethodFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
-REGISTRY: dict[str, MethodFn] = {}
-
-
-def register(key: str):
-    def wrap(fn: MethodFn) -> MethodFn:
-        REGISTRY[key] = fn
-        return fn
-
-    return wrap
-
-
-def method_options(key: str) -> dict[str, object]:
-    """The options a method accepts, with their defaults."""
-    sig = inspect.signature(REGISTRY[key])
-    return {n: p.default for n, p in list(sig.parameters.items())[1:] if p.kind == p.KEYWORD_ONLY}
 
 
 def _sync(device: torch.device) -> None:
@@ -132,23 +117,26 @@ class Context:
 
     def chunk(self, default_cpu: int, default_gpu: int, requested: int | None) -> int:
         if requested is not None:
-            if requested < 1:
-                raise ValueError(f"batch_size must be >= 1, got {requested}")
             return int(requested)
         return default_gpu if self.device.type == "cuda" else default_cpu
 
 
-def run_method(key: str, ctx: Context, options: dict) -> Explanation:
-    fn = REGISTRY[key]
+def run_method(key: str, ctx: Context, options: BaseModel) -> Explanation:
+    """Run method `key` with its validated `options`; its extras must be the declared ones."""
+    spec = REGISTRY[key]
     ctx.used = set()
     _sync(ctx.device)
     t0 = time.perf_counter()
     cached_before = dict(ctx._cost)
-    maps, extras = fn(ctx, **options)
+    maps, extras = spec.fn(ctx, **as_kwargs(options))
     _sync(ctx.device)
+    undeclared = sorted(set(extras) - spec.extra_names)
+    if undeclared:
+        # An undeclared extra would never reach the result rows; fail where the method is written.
+        raise RuntimeError(f"method {key!r} emits undeclared extras {undeclared}; declare them in its register()")
     elapsed = time.perf_counter() - t0
     # Passes computed inside this call are already in `elapsed`; passes reused from an earlier
     # method are charged here too, so each method's seconds read as if it ran alone.
     reused = sum(cost for k, cost in ctx._cost.items() if k in ctx.used and k in cached_before)
     return Explanation(method=key, maps=maps.detach(), extras=extras, seconds=elapsed + reused,
-                       options=dict(options))
+                       options=as_json(options))

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 
 from ..maps import finish
-from .base import Context, register
-
-GRADIENT_METHODS = ("gradcam", "gradcampp", "xgradcam", "layercam", "hirescam")
+from ..options import PositiveFloat
+from .base import Context
+from .registry import register
 
 
 def _weighted(weights: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
@@ -24,15 +24,15 @@ def _done(ctx: Context, cams: torch.Tensor):
     return maps, {"constant": constant}
 
 
-@register("gradcam")
+@register("gradcam", name="Grad-CAM", family="gradient", rank=10)
 def gradcam(ctx: Context):
     """Grad-CAM: w_k = mean_ij g."""
     feats, grads = ctx.gradients()
     return _done(ctx, _weighted(grads.mean((2, 3)), feats))
 
 
-@register("gradcampp")
-def gradcampp(ctx: Context, *, eps: float = 1e-6):
+@register("gradcampp", name="Grad-CAM++", family="gradient", rank=20)
+def gradcampp(ctx: Context, *, eps: PositiveFloat = 1e-6):
     """Grad-CAM++: α = g²/(2g² + (Σ_ij A)·g³ + ε), α = 0 where g = 0; w_k = Σ_ij α·relu(g)."""
     feats, grads = ctx.gradients()
     g2 = grads.pow(2)
@@ -42,22 +42,22 @@ def gradcampp(ctx: Context, *, eps: float = 1e-6):
     return _done(ctx, _weighted((alpha * grads.clamp_min(0)).sum((2, 3)), feats))
 
 
-@register("xgradcam")
-def xgradcam(ctx: Context, *, eps: float = 1e-7):
+@register("xgradcam", name="XGrad-CAM", family="gradient", rank=50)
+def xgradcam(ctx: Context, *, eps: PositiveFloat = 1e-7):
     """XGrad-CAM: w_k = Σ_ij g·A / (Σ_ij A + ε)."""
     feats, grads = ctx.gradients()
     weights = (grads * feats).sum((2, 3)) / (feats.sum((2, 3)) + eps)
     return _done(ctx, _weighted(weights, feats))
 
 
-@register("layercam")
+@register("layercam", name="Layer-CAM", family="gradient", rank=60)
 def layercam(ctx: Context):
     """Layer-CAM: S = relu(Σ_k relu(g_k) ⊙ A_k)."""
     feats, grads = ctx.gradients()
     return _done(ctx, (grads.clamp_min(0) * feats).sum(1).clamp_min(0))
 
 
-@register("hirescam")
+@register("hirescam", name="HiRes-CAM", family="gradient", rank=80)
 def hirescam(ctx: Context):
     """HiRes-CAM: S = relu(Σ_k g_k ⊙ A_k)."""
     feats, grads = ctx.gradients()

@@ -12,8 +12,10 @@ import torch
 
 from ..hooks import replace_output
 from ..maps import constant_maps, normalize, upsample
-from .base import Context, register
+from ..options import Bool, PositiveInt
+from .base import Context
 from .gradient import _done, _weighted
+from .registry import register
 
 #: Images per forward on a CPU when no batch_size is given: there a forward's time per image
 #: grows with the batch (cache pressure), so small chunks are fastest (benchmarks/methods.py).
@@ -26,8 +28,8 @@ def _pick(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, targets[:, None])[:, 0]
 
 
-@register("scorecam")
-def scorecam(ctx: Context, *, batch_size: int | None = None, align_corners: bool = False):
+@register("scorecam", name="Score-CAM", family="perturbation", rank=30)
+def scorecam(ctx: Context, *, batch_size: PositiveInt | None = None, align_corners: Bool = False):
     """Score-CAM: u_k = f(x ⊙ n(up(A_k)))_c, w = softmax_k(u), S = relu(Σ_k w_k A_k).
 
     The paper's baseline term −f(x_b)_c is the same for every channel of an image, and softmax
@@ -51,8 +53,8 @@ def scorecam(ctx: Context, *, batch_size: int | None = None, align_corners: bool
     return _done(ctx, _weighted(torch.softmax(scores, dim=1), feats))
 
 
-@register("ablationcam")
-def ablationcam(ctx: Context, *, batch_size: int | None = None, use_tail: bool = True):
+@register("ablationcam", name="Ablation-CAM", family="perturbation", rank=40)
+def ablationcam(ctx: Context, *, batch_size: PositiveInt | None = None, use_tail: Bool = True):
     """Ablation-CAM: w_k = (y_c − y_c^(k)) / y_c with channel k of the layer output zeroed.
 
     Where the bundle knows the network after the layer (`bundle.tail`: ResNet, VGG, EfficientNet

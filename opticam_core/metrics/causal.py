@@ -24,14 +24,28 @@ the network together, `batch_size` at a time.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator
 
+from ..fields import PerImage
+from ..options import PositiveFloat, PositiveInt
 from ._forward import chunked_log_probs, class_log_probs, resolve_batch_size
 from .classification import check_batch, clean_logits_of
+from .registry import Metric, MetricBatch, register_group
 
 RISE_BLUR = (11, 5.0)
+
+
+def _odd(size: int) -> int:
+    if size % 2 == 0:
+        raise ValueError("the blur kernel's size must be odd (it is centred on the pixel)")
+    return size
+
+
+OddSize = Annotated[PositiveInt, AfterValidator(_odd)]
 
 
 def rise_kernel(size: int = 11, sigma: float = 5.0, *, truncate: float = 4.0) -> torch.Tensor:
@@ -79,9 +93,10 @@ def pixel_ranks(maps: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def insertion_deletion(bundle, images: torch.Tensor, maps: torch.Tensor, *, classes=None,
-                       clean_logits: torch.Tensor | None = None, steps: int = 224,
-                       pixels_per_step: int | None = None, blur=RISE_BLUR,
-                       batch_size: int | None = None):
+                       clean_logits: torch.Tensor | None = None, steps: PositiveInt = 224,
+                       pixels_per_step: PositiveInt | None = None,
+                       blur: tuple[OddSize, PositiveFloat] | None = RISE_BLUR,
+                       batch_size: PositiveInt | None = None):
     """(insertion_auc B, deletion_auc B, curves) for maps S (B×H×W) of `images`.
 
     classes: the class whose probability is tracked; default the prediction on the clean image
@@ -136,3 +151,17 @@ def insertion_deletion(bundle, images: torch.Tensor, maps: torch.Tensor, *, clas
     curves = {"insertion": insertion.to(home), "deletion": deletion.to(home),
               "fractions": fractions.to(home), "classes": classes.to(home)}
     return ins_auc.to(home), del_auc.to(home), curves
+
+
+@register_group(
+    "insertion_deletion", options_from=insertion_deletion, skip=("classes", "clean_logits"),
+    fields=(PerImage("insertion", "float64", "insertion AUC in [0,1], trapezoid over the fraction of pixels"),
+            PerImage("deletion", "float64", "deletion AUC in [0,1]"),
+            PerImage("insertion_curve", "list<float32>", "probability of pred after each insertion step (steps+1 points)"),
+            PerImage("deletion_curve", "list<float32>", "probability of pred after each deletion step (steps+1 points)")),
+    metrics=(Metric("I", "insertion", higher_is_better=True), Metric("D", "deletion", higher_is_better=False)))
+def _insertion_deletion(batch: MetricBatch, **options) -> dict[str, torch.Tensor]:
+    ins, dele, curves = insertion_deletion(batch.bundle, batch.images, batch.maps, classes=batch.pred,
+                                           clean_logits=batch.logits, **options)
+    return {"insertion": ins, "deletion": dele, "insertion_curve": curves["insertion"].float(),
+            "deletion_curve": curves["deletion"].float()}

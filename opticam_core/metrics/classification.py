@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from ..boxes import box_counts, check_boxes, union_mask
 from ..choices import check_choice
-from ._forward import chunked_log_probs, class_log_probs, resolve_batch_size
+from ..fields import PerImage
+from ._forward import class_log_probs
+from .registry import Metric, MetricBatch, register_group
 
 UNDEFINED = ("exclude", "zero")
 
@@ -125,35 +126,13 @@ def average_gain(p, o, *, undefined: str = "exclude") -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# The bounding-box study (the paper's Figure 4)
-
-BOX_STUDY = ("o_box_and_map", "o_map_minus_box", "o_box", "o_not_box")
+# The group: o per image; AD, AG, AI from p and o in `aggregate`
 
 
-@torch.no_grad()
-def box_study(bundle, images: torch.Tensor, maps: torch.Tensor, boxes, targets, *,
-              method_free: bool = True, batch_size: int | None = None) -> dict[str, torch.Tensor]:
-    """o of the target class under four masks built from M, the union mask of the GT boxes:
-    S·M (B∩S), S·(1−M) (S∖B), M (S := B) and 1−M (S := I∖B). float64, NaN for images without
-    boxes. AD/AG/AI of each come from these and p (see `aggregate`).
-
-    method_free=False skips the last two, which do not depend on the map (a caller evaluating
-    several methods on one batch needs them once)."""
-    home = images.device
-    images, maps, targets = check_batch(bundle, images, maps, targets)
-    B, _, H, W = images.shape
-    padded = check_boxes(boxes, B, device=images.device)
-    M = union_mask(padded, (H, W)).float()
-    masks = torch.stack([maps * M, maps * (1 - M), M, 1 - M][:4 if method_free else 2])  # k×B×H×W
-    k = len(masks)
-    bs = resolve_batch_size(batch_size, images.device)
-
-    def build(part: slice):
-        k = torch.arange(part.start, part.stop, device=images.device)
-        which, img = k // B, k % B
-        return images[img] * masks[which, img][:, None], targets[img]
-
-    o = chunked_log_probs(bundle.model, k * B, build, bs, images.device).exp().view(k, B)
-    has = M.flatten(1).any(1) & (box_counts(padded) > 0)
-    o = torch.where(has[None], o, float("nan"))
-    return {name: o[i].to(home) for i, name in enumerate(BOX_STUDY[:k])}
+@register_group("classification",
+                fields=(PerImage("o", "float64", "softmax probability of c on x ⊙ S"),),
+                metrics=(Metric("AD", "average drop", higher_is_better=False),
+                         Metric("AG", "average gain", higher_is_better=True),
+                         Metric("AI", "average increase", higher_is_better=True)))
+def _classification(batch: MetricBatch) -> dict[str, torch.Tensor]:
+    return {"o": class_log_probs(batch.bundle.model(batch.images * batch.maps[:, None]), batch.targets).exp()}

@@ -6,7 +6,7 @@ mask of an image's ground-truth boxes (pixel-centre rule). Per image:
 - loc_iou: B_p is the bounding box of the largest connected component of {S ≥ mean(S)};
   loc_iou = max over GT boxes of IoU(B_p, box). OM and LE come from it in `aggregate` (ILSVRC 0.5
   rule or raw IoU).
-- box_iou: the same with {S ≥ η} for η = 0, 0.01, …, 0.99 (B×100), for box accuracy.
+- box_iou: the same with {S > η} for η = 0, 0.01, …, 0.99 (B×100), for box accuracy.
 - energy = Σ_U S / Σ S (energy pointing game, = F1's precision); recall = Σ_U S / |U|.
 - pointing: a maximum of S lies in U; pointing_tol: within `tolerance` px (Euclidean, between
   pixel centres) of U, as in Zhang et al.'s pointing game. When several pixels share the maximum,
@@ -17,7 +17,9 @@ mask of an image's ground-truth boxes (pixel-centre rule). Per image:
   back to the input size (bilinear by default, `crop_mode`), p_c its probability of the target.
 
 Components: 8-connectivity by default (cv2.findContours, as wsolevaluation), see `components`.
-Comparisons are ≥ (SPEC), on the float32 map.
+Comparisons are on the float32 map: ≥ at the mean (SPEC), strict > at the box-accuracy
+thresholds η, as the paper (App. B.5) and wsolevaluation define BA: with ≥, η = 0 keeps the whole
+image, and every method would score the whole-image box's accuracy (about 57 on ImageNet val).
 
 Images without boxes (n_i = 0, or boxes too thin to cover a pixel centre): has_box False,
 loc_iou / energy / recall NaN, box_iou NaN, pointing False (`aggregate` leaves them out by
@@ -31,17 +33,22 @@ the whole image.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
 from ..boxes import best_iou, box_area, check_boxes, near_boxes
-from ..choices import check_choice
+from ..fields import PerImage
+from ..options import ListOf, NonNegativeFloat, PositiveInt, Probability
 from ._forward import chunked_log_probs, resolve_batch_size
 from .classification import check_batch
 from .components import largest_component_boxes
+from .registry import Metric, MetricBatch, register_group
 
 THRESHOLDS = torch.arange(100, dtype=torch.float64) / 100  # η = 0, 0.01, …, 0.99 (Choe et al.)
 TIES = ("any", "first")
+CROP_MODES = ("bilinear", "bicubic", "nearest")
 AREA_FLOOR = 0.05  # Dabkowski & Gal's floor on the area fraction
 
 
@@ -66,16 +73,16 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]
 
 @torch.no_grad()
 def localization(maps: torch.Tensor, boxes, *, targets=None, bundle=None, images: torch.Tensor | None = None,
-                 tolerance: float = 15, thresholds: torch.Tensor | None = None, connectivity: int = 8,
-                 ties: str = "any", crop_mode: str = "bilinear", batch_size: int | None = None,
-                 chunk_pixels: int = 2 ** 26) -> dict[str, torch.Tensor]:
+                 tolerance: NonNegativeFloat = 15, thresholds: ListOf(Probability) | None = None,
+                 connectivity: Literal[4, 8] = 8, ties: Literal[TIES] = "any",
+                 crop_mode: Literal[CROP_MODES] = "bilinear", batch_size: PositiveInt | None = None,
+                 chunk_pixels: PositiveInt = 2 ** 26) -> dict[str, torch.Tensor]:
     """Per-image localization fields (names as in FIELDS) for maps S, B×H×W in [0,1].
 
     boxes: per-image n_i×4 boxes (list) or B×N×4 NaN-padded. sm needs `bundle`, `images` and
     `targets` (the class c); without them it is NaN. chunk_pixels bounds the thresholded masks
     held at once (images × thresholds × pixels).
     """
-    check_choice("ties", ties, TIES)
     home = maps.device
     if maps.dim() == 4 and maps.shape[1] == 1:
         maps = maps[:, 0]
@@ -98,9 +105,9 @@ def localization(maps: torch.Tensor, boxes, *, targets=None, bundle=None, images
     pred_boxes = torch.empty(B, T, 4, device=dev)
     for s in range(0, B, per_chunk):
         m = maps[s:s + per_chunk]
-        th = torch.cat([pixels[s:s + per_chunk].mean(1, keepdim=True),
-                        thresholds.float()[None].expand(len(m), -1)], dim=1)  # b×T
-        masks = m[:, None] >= th[:, :, None, None]
+        at_mean = m >= pixels[s:s + per_chunk].mean(1)[:, None, None]
+        above_eta = m[:, None] > thresholds.float()[None, :, None, None]  # strict: see the module docstring
+        masks = torch.cat([at_mean[:, None], above_eta], dim=1)
         pred_boxes[s:s + per_chunk] = largest_component_boxes(masks.reshape(-1, H, W), connectivity)[0].view(-1, T, 4)
     iou = best_iou(pred_boxes, padded)  # B×T, NaN without boxes
     iou = torch.where(constant[:, None] & has_box[:, None], 0.0, iou)
@@ -149,3 +156,25 @@ def localization(maps: torch.Tensor, boxes, *, targets=None, bundle=None, images
         "sm": sm,
     }
     return {k: v.to(home) for k, v in out.items()}
+
+
+@register_group(
+    "localization", needs_boxes=True, options_from=localization, skip=("targets", "bundle", "images"),
+    fields=(PerImage("has_box", "bool", "the image has at least one ground-truth box of its class"),
+            PerImage("loc_iou", "float64", "best IoU of the largest-component box at the mean threshold with a GT box"),
+            PerImage("pointing", "bool", "a maximum of S inside the union of GT boxes (tolerance 0; ties: any maximum)"),
+            PerImage("pointing_tol", "bool", "a maximum of S within `tolerance` px of the union of GT boxes"),
+            PerImage("energy", "float64", "energy pointing game Σ_U S / Σ S (= F1's precision)"),
+            PerImage("recall", "float64", "F1's recall Σ_U S / |U|"),
+            PerImage("box_iou", "list<float32>", "best IoU of the largest component of {S > η}, η = 0, 0.01, …, 0.99"),
+            PerImage("sm", "float64", "saliency metric log(max(0.05, area)) − log p_c(crop)")),
+    metrics=(Metric("OM", "official metric", higher_is_better=False),
+             Metric("LE", "localization error", higher_is_better=False),
+             Metric("F1", "pixel-wise F1", higher_is_better=True),
+             Metric("BA", "box accuracy", higher_is_better=True),
+             Metric("SP", "standard pointing game", higher_is_better=True),
+             Metric("EP", "energy pointing game", higher_is_better=True),
+             Metric("SM", "saliency metric", higher_is_better=False, percent=False)))
+def _localization(batch: MetricBatch, **options) -> dict[str, torch.Tensor]:
+    return localization(batch.maps, batch.boxes, targets=batch.targets, bundle=batch.bundle, images=batch.images,
+                        **options)

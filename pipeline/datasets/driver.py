@@ -26,7 +26,13 @@ from typing import Callable
 
 from pipeline import storage
 from pipeline.datasets.sources import IngestError, Listing, apply_limit
-from pipeline.datasets.writer import CHECKS, REPORT_NAME, SHARD_PATTERN, ShardResult, write_shard
+from pipeline.datasets.writer import (
+    CHECKS,
+    REPORT_NAME,
+    SHARD_PATTERN,
+    ShardResult,
+    write_shard,
+)
 from pipeline.schema import SAMPLES_ROW_GROUP
 
 KINDS = ("imagenet", "chestxray", "kvasir", "folder")

@@ -14,7 +14,14 @@ import math
 from collections import defaultdict
 
 from pipeline import storage
-from pipeline.datasets.sources import Box, Candidate, IngestError, Listing, read_lines, walk
+from pipeline.datasets.sources import (
+    Box,
+    Candidate,
+    IngestError,
+    Listing,
+    read_lines,
+    walk,
+)
 
 BOX_COLUMNS = ("path", "x0", "y0", "x1", "y1")
 

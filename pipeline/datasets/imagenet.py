@@ -23,7 +23,14 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from pipeline import storage
-from pipeline.datasets.sources import Box, Candidate, IngestError, Listing, read_lines, walk
+from pipeline.datasets.sources import (
+    Box,
+    Candidate,
+    IngestError,
+    Listing,
+    read_lines,
+    walk,
+)
 
 STEM = re.compile(r"^ILSVRC2012_val_\d{8}$")
 WNID = re.compile(r"^n\d{8}$")

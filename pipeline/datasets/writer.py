@@ -7,9 +7,7 @@ and a row can never be written twice. The same function runs in a thread or as a
 
 from __future__ import annotations
 
-import io
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -17,6 +15,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.datasets.sources import Candidate
+from pipeline.images import load, open_image
 from pipeline.schema import SAMPLES
 
 SHARD_NAME = "part-{:05d}.parquet"
@@ -45,27 +44,22 @@ class BadImage(Exception):
 
 
 def inspect_image(data: bytes, check: str = "decode") -> tuple[int, int, str]:
-    """(width, height, PIL mode) of encoded image bytes; raises BadImage when PIL cannot read it.
+    """(width, height, PIL mode) of encoded image bytes; raises BadImage when the evaluation's
+    decoder would refuse its header (unidentifiable, above the pixel limit).
 
     ``decode`` also decodes the pixels, so a truncated or corrupt body is caught here and not in
     the evaluation; JPEGs decode at 1/8 scale (libjpeg still reads every block), which makes this
     cheap. Size is the stored size, before any EXIF orientation."""
-    from PIL import Image
-
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as im:
-                width, height = im.size
-                mode = im.mode
-                if check == "decode":
-                    if im.format == "JPEG":
-                        im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
-                    im.load()
-    except Image.UnidentifiedImageError:
-        raise BadImage("not an image format PIL can identify") from None
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError...)
-        raise BadImage(f"{type(e).__name__}: {e}") from None
+        with open_image(data) as im:
+            width, height = im.size
+            mode = im.mode
+            if check == "decode":
+                if im.format == "JPEG":
+                    im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
+                load(im)
+    except ValueError as e:
+        raise BadImage(str(e)) from None
     if width < 1 or height < 1:
         raise BadImage(f"empty image {width}x{height}")
     return width, height, mode

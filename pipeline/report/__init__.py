@@ -17,8 +17,24 @@ it into one folder), cli (`opticam report`).
 from .aggregates import Aggregator, aggregate_rows, error_summary, row_counts
 from .build import Report, build_report, default_out
 from .compare import Comparison, compare_rows, parse_thresholds, violations
-from .runs import Run, RunNotFound, list_runs, open_run, previous_run, read_rows, read_samples, read_table
-from .tables import FIGURES, build_tables, runtime_table, table_latex, table_markdown, tables_frame
+from .runs import (
+    Run,
+    RunNotFound,
+    list_runs,
+    open_run,
+    previous_run,
+    read_rows,
+    read_samples,
+    read_table,
+)
+from .tables import (
+    FIGURES,
+    build_tables,
+    runtime_table,
+    table_latex,
+    table_markdown,
+    tables_frame,
+)
 
 __all__ = [
     "Aggregator", "Comparison", "FIGURES", "Report", "Run", "RunNotFound", "aggregate_rows", "build_report",

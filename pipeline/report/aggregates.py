@@ -13,23 +13,22 @@ The formulas live in opticam_core; this module only decides *which rows* go into
   (they do not depend on the method) and appear as methods ``box`` and ``not_box``.
 - Bootstrap: images are resampled with replacement, `resamples` times, and every aggregate is
   recomputed on each resample (BA re-picks its best threshold per resample, because
-  `aggregate` does); the 95% interval is the 2.5–97.5 percentile. When `aggregate` accepts
-  ``weights`` (an R×N matrix of resampling counts, one aggregate per row), all resamples go
-  through one vectorised call; otherwise one call per resample.
+  `aggregate` does); the 95% interval is the 2.5–97.5 percentile. All resamples go through one
+  vectorised call, with ``weights`` (an R×N matrix of resampling counts, one aggregate per row).
 """
 
 from __future__ import annotations
 
-import inspect
 import time
 import zlib
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from opticam_core.metrics.fields import FIELDS
+from opticam_core.metrics import aggregate as core_aggregate
+from pipeline.schema import FIELDS
 
 CELL_COLUMNS = ["dataset", "model", "method", "subset", "metric", "value", "n", "excluded",
                 "failed", "lo", "hi"]
@@ -37,23 +36,6 @@ GROUP = ("dataset", "model", "method")
 #: Pseudo-methods for the method-free rows of the box study.
 BOX_ROWS = {"box": "@box", "not_box": "@not_box"}
 INTERVAL = (2.5, 97.5)
-
-
-def core_aggregate() -> Callable:
-    """`opticam_core.metrics.aggregate` (imported late so that the report can name what's missing)."""
-    try:
-        from opticam_core.metrics import aggregate
-    except ImportError as err:  # pragma: no cover - only while opticam_core.metrics is unfinished
-        raise ImportError("opticam_core.metrics.aggregate is not available; the report needs it "
-                          "to turn per-image rows into the paper's numbers") from err
-    return aggregate
-
-
-def accepts_weights(fn: Callable) -> bool:
-    try:
-        return "weights" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 class Values(dict):
@@ -79,7 +61,7 @@ def _dense(column: np.ndarray, kind: str) -> np.ndarray:
         for v in (True, False):
             out[column == v] = float(v)
         return out
-    if kind == "floats":
+    if kind == "list<float32>":
         present = [v for v in column if v is not None and not (isinstance(v, float) and v != v)]
         widths = {len(v) for v in present}
         if len(widths) == 1:
@@ -96,7 +78,7 @@ def per_image_frame(rows) -> Values:
     """The per-image columns `aggregate` reads (FIELDS) of `rows` (DataFrame or Table)."""
     if isinstance(rows, pa.Table):
         rows = rows.select([c for c in FIELDS if c in rows.columns]).to_pandas()
-    return Values({c: _dense(rows[c].to_numpy(), FIELDS[c][0]) for c in FIELDS if c in rows.columns})
+    return Values({c: _dense(rows[c].to_numpy(), FIELDS[c].kind) for c in FIELDS if c in rows.columns})
 
 
 def _seed(seed: int, *parts: str) -> np.random.Generator:
@@ -122,13 +104,14 @@ def _as_floats(x) -> np.ndarray:
 class Aggregator:
     """Calls `aggregate` on frames, with or without bootstrap; one instance per report."""
 
-    def __init__(self, aggregate: Callable | None = None, *, om_rule: str = "ilsvrc", vectorised: bool | None = None,
+    def __init__(self, aggregate: Callable | None = None, *, om_rule: str = "ilsvrc", vectorised: bool = True,
                  **options):
-        """`vectorised`: None = use `weights` when `aggregate` takes them; False = one call per
-        resample (the reference the vectorised path is tested against)."""
-        self.fn = aggregate or core_aggregate()
+        """`aggregate`: `opticam_core.metrics.aggregate` unless given (it must take `weights` as
+        that one does, unless `vectorised` is False). `vectorised`: False = one call per resample
+        (the reference the vectorised path is tested against)."""
+        self.fn = aggregate or core_aggregate
         self.kwargs = {"om_rule": om_rule, **options}
-        self.vectorised = accepts_weights(self.fn) if vectorised is None else bool(vectorised)
+        self.vectorised = bool(vectorised)
 
     def point(self, frame: Values) -> dict:
         """metric → (value, n, excluded) on the whole frame."""
@@ -240,7 +223,7 @@ def aggregate_rows(rows: pd.DataFrame, *, resamples: int = 200, seed: int = 0, o
         if log and i == 0 and resamples and len(groups) > 1:
             spent = time.monotonic() - started
             log(f"bootstrap: {spent:.1f} s for the first of {len(groups)} groups (≈{spent * len(groups) / 60:.1f} min "
-                f"in all{'' if agg.vectorised else '; aggregate takes no weights, one call per resample'})")
+                f"in all{'' if agg.vectorised else '; one call per resample'})")
     per_image = one_per_image(ok)
     for (dataset, model), g in per_image.groupby(["dataset", "model"], sort=True):
         frame = _columns(per_image_frame(g), METHOD_FREE_COLUMNS)
@@ -274,9 +257,3 @@ def error_summary(rows: pd.DataFrame, top: int = 10) -> pd.DataFrame:
     err["error"] = err["error"].astype(str).str.split("\n").str[0].str.slice(0, 200)
     g = err.groupby("error").agg(methods=("method", lambda m: ", ".join(sorted(set(m)))), rows=("method", "size"))
     return g.sort_values("rows", ascending=False).head(top).reset_index()
-
-
-def values_mapping(cells: pd.DataFrame) -> Mapping:
-    """(dataset, model, method, subset, metric) → value, for quick lookups."""
-    return {tuple(k): v for k, v in zip(cells[["dataset", "model", "method", "subset", "metric"]].itertuples(
-        index=False, name=None), cells["value"])}

@@ -30,8 +30,16 @@ from .aggregates import Aggregator, aggregate_rows, error_summary, row_counts
 from .compare import Comparison, compare_rows, comparison_markdown, violations
 from .html import comparison_html, write_index
 from .paper import paper_value
-from .runs import Run, open_run, previous_run, read_table, iter_tables
-from .tables import FIGURES, build_tables, runtime_markdown, runtime_table, table_latex, table_markdown, tables_frame
+from .runs import Run, iter_tables, open_run, previous_run, read_table
+from .tables import (
+    FIGURES,
+    build_tables,
+    runtime_markdown,
+    runtime_table,
+    table_latex,
+    table_markdown,
+    tables_frame,
+)
 
 
 @dataclass
@@ -95,7 +103,7 @@ def build_report(run: Run | str, out: str | Path | None = None, *, against: Run 
     errors = error_summary(rows)
     report = Report(run, out, rows, cells, counts, tables, runtime, errors)
     log(f"report: {len(rows)} rows ({int(rows['error'].notna().sum())} failed), {len(cells)} aggregates, "
-        f"{resamples} bootstrap resamples ({'vectorised' if agg.vectorised else 'one call each'})")
+        f"{resamples} bootstrap resamples")
 
     _write_tables(report)
     if figures:

@@ -21,11 +21,21 @@ import numpy as np
 import pandas as pd
 
 from opticam_core.choices import check_choice
+from opticam_core.metrics import lower_is_better
 from pipeline.schema import ROW_KEY
 
-from .aggregates import BOX_ROWS, METHOD_FREE_COLUMNS, Aggregator, _columns, _is_box_free, _seed, interval, \
-    one_per_image, per_image_frame, resample_indices
-from .tables import lower_is_better
+from .aggregates import (
+    BOX_ROWS,
+    METHOD_FREE_COLUMNS,
+    Aggregator,
+    _columns,
+    _is_box_free,
+    _seed,
+    interval,
+    one_per_image,
+    per_image_frame,
+    resample_indices,
+)
 
 CHANGE_COLUMNS = ["dataset", "model", "method", "metric", "old", "new", "delta", "lo", "hi", "n", "flagged"]
 #: Per-image fields in [0, 1] whose moves rank the samples that changed most.

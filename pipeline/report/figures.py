@@ -13,7 +13,6 @@ so a caller or a test knows the pixel size in advance, and returns the path.
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -21,8 +20,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from PIL import Image
 
+from ..images import decode_gray, decode_image
 from .tables import method_name, method_order
 
 DPI = 100
@@ -35,23 +34,18 @@ RESIZE = 256
 
 
 def decode_map(png: bytes | None) -> np.ndarray | None:
-    """A stored map (8-bit grayscale PNG) as float32 H×W in [0,1]; None when absent."""
+    """A stored map (grayscale PNG, 8- or 16-bit) as float32 H×W in [0,1]; None when absent."""
     if png is None or (isinstance(png, float) and math.isnan(png)):
         return None
-    with Image.open(io.BytesIO(png)) as im:
-        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    return decode_gray(png)
 
 
 def preprocess_image(data: bytes, size: int = SIZE, resize: int = RESIZE) -> np.ndarray:
     """Encoded image → H×W×3 float in [0,1], exactly as the job saw it: opticam_core's
     preprocessing (Resize(`resize`) then CenterCrop(`size`)), so stored maps line up."""
-    import torch
-
     from opticam_core.transforms import preprocess
 
-    with Image.open(io.BytesIO(data)) as im:
-        arr = np.array(im.convert("RGB"), dtype=np.uint8)
-    x = preprocess(torch.from_numpy(arr).permute(2, 0, 1), resize=resize, size=(size, size))
+    x = preprocess(decode_image(data), resize=resize, size=(size, size))
     return x.permute(1, 2, 0).numpy().astype(np.float32)
 
 

@@ -1,10 +1,10 @@
 """The paper's published numbers as data (paper.csv), and when a run's cell may be set beside them.
 
-paper.csv is a transcription of SPEC §5 and the poster's Figures 2–4 (ImageNet ILSVRC2012 val):
-``figure, model, method, metric, value`` with metric keys as `aggregate` returns them ("AD",
-"AD@box_and_map", "AD@box", …), methods as the project's keys, and the pseudo-methods ``box``
-(S := B) and ``not_box`` (S := I∖B) of Figure 4. ``timing`` holds the paper's seconds per image
-(its per-batch-of-8 times divided by 8; ResNet50, GPU unknown).
+paper.csv is a transcription of the full paper's tables (shared/docs/PAPER.md §1; ImageNet
+ILSVRC2012 val): ``figure, model, method, metric, value`` with metric keys as `aggregate` returns
+them ("AD", "AD@box_and_map", "AD@box", …), methods as the project's keys, and the pseudo-methods
+``box`` (S := B) and ``not_box`` (S := I∖B) of Figure 4. fig2: Tables 1–3; fig3: Tables A.7–A.8;
+fig4: Table 5; ``timing``: Tables 1–2's seconds per image (per batch of 8, /8; GPU unknown).
 
 A cell gets its paper value only when the run's dataset is ImageNet validation and its model one
 of the paper's four (by the model's key, aliases accepted): other data or models have no anchor.
@@ -17,10 +17,9 @@ import re
 from functools import lru_cache
 from importlib import resources
 
+from opticam_core.models import ALIASES
+
 PAPER_MODELS = ("resnet50", "vgg16_bn", "vit_base_patch16_224", "deit_base_patch16_224")
-MODEL_ALIASES = {"vgg16": "vgg16_bn", "vit_b": "vit_base_patch16_224", "vit-b": "vit_base_patch16_224",
-                 "vit_b16": "vit_base_patch16_224", "deit_b": "deit_base_patch16_224",
-                 "deit-b": "deit_base_patch16_224", "resnet-50": "resnet50"}
 #: Which figure a table's cell is compared with.
 FIGURES = ("fig2", "fig3", "fig4", "timing")
 
@@ -36,7 +35,7 @@ def paper_values() -> dict[tuple[str, str, str, str], float]:
 def canonical_model(model: str) -> str | None:
     """The paper's model key for a run's model key, or None if it is not one of the paper's."""
     m = str(model).strip().lower()
-    m = MODEL_ALIASES.get(m, m)
+    m = ALIASES.get(m, m)
     return m if m in PAPER_MODELS else None
 
 

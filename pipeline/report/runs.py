@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.schema import RESULTS, ROW_KEY
 
 MANIFEST = "_run.json"
@@ -32,40 +33,10 @@ class RunNotFound(FileNotFoundError):
     """The URI holds no run (no ``_run.json`` and no Parquet files)."""
 
 
-def filesystem(uri: str):
-    """(fsspec filesystem, path without protocol) for a local path or an ``s3://`` URI.
-
-    Prefers the project's `pipeline.storage` (endpoint and credential handling in one place),
-    and falls back to plain fsspec, which honours the usual AWS variables.
-    """
-    try:
-        from pipeline import storage  # written by the job's helper; optional here
-    except ImportError:
-        storage = None
-    if storage is not None and hasattr(storage, "fsspec_filesystem"):
-        got = storage.fsspec_filesystem(uri)
-        if isinstance(got, tuple):
-            return got[0], got[1]
-        return got, _strip(uri, got)
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri)
-    return fs, path
-
-
-def _strip(uri: str, fs) -> str:
-    try:
-        return fs._strip_protocol(uri)
-    except Exception:  # pragma: no cover - every fsspec filesystem has it
-        return uri.split("://", 1)[-1]
-
-
-def _is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
-
-
-def _join(base: str, name: str) -> str:
-    return posixpath.join(base.rstrip("/"), name)
+def _protocol_prefix(uri: str) -> str:
+    """``s3://`` for a remote URI, "" for a local path: what puts a filesystem path back into a URI."""
+    scheme, _ = storage.split_uri(uri)
+    return "" if scheme is None else f"{scheme}://"
 
 
 def _parse_time(value) -> datetime | None:
@@ -91,7 +62,7 @@ class Run:
 
     @property
     def protocol_prefix(self) -> str:
-        return self.uri.split("://", 1)[0] + "://" if _is_remote(self.uri) else ""
+        return _protocol_prefix(self.uri)
 
     @property
     def run_id(self) -> str:
@@ -112,20 +83,13 @@ class Run:
 
     @property
     def remote(self) -> bool:
-        return _is_remote(self.uri)
+        return storage.is_remote(self.uri)
 
     @cached_property
     def files(self) -> list[str]:
         found = self.fs.find(self.path) if self.fs.exists(self.path) else []
         return sorted(f for f in found if f.endswith(".parquet")
                       and not any(p.startswith((".", "_")) for p in f[len(self.path):].split("/") if p))
-
-    def partitions(self) -> dict[str, list[str]]:
-        """Files grouped by their folder (one group per dataset × model in the job's layout)."""
-        groups: dict[str, list[str]] = {}
-        for f in self.files:
-            groups.setdefault(posixpath.dirname(f), []).append(f)
-        return groups
 
     def datasets(self) -> dict[str, dict]:
         """Dataset name → its entry in the resolved config (``uri`` of its samples, …)."""
@@ -137,7 +101,7 @@ class Run:
 
 
 def _read_manifest(fs, path: str) -> dict | None:
-    mpath = _join(path, MANIFEST)
+    mpath = storage.join(path, MANIFEST)
     if not fs.exists(mpath):
         return None
     with fs.open(mpath, "rb") as fh:
@@ -148,8 +112,8 @@ def list_runs(root_uri: str) -> list[Run]:
     """Every run folder (``run=*``) directly under an output root, oldest first.
 
     Order: the manifest's ``started`` (runs without one sort first, by name)."""
-    fs, root = filesystem(root_uri)
-    prefix = root_uri.split("://", 1)[0] + "://" if _is_remote(root_uri) else ""
+    fs, root = storage.fsspec_filesystem(root_uri)
+    prefix = _protocol_prefix(root_uri)
     runs = []
     if not fs.exists(root):
         return runs
@@ -167,7 +131,7 @@ def open_run(uri: str) -> Run:
     """The run at `uri`: a ``run=ID`` folder, or an output root (then its latest run).
 
     Raises RunNotFound when there is neither a manifest nor a Parquet file."""
-    fs, path = filesystem(uri)
+    fs, path = storage.fsspec_filesystem(uri)
     path = path.rstrip("/")
     manifest = _read_manifest(fs, path)
     run = Run(uri=uri.rstrip("/"), fs=fs, path=path, manifest=manifest or {})
@@ -288,7 +252,7 @@ def read_rows(uri_or_run, columns: Iterable[str] | None = None, **kwargs):
 
 def read_samples(uri: str, sample_ids: Iterable[str] | None = None) -> pa.Table:
     """Samples (the SAMPLES schema) from a dataset's ``uri``, optionally only some sample ids."""
-    fs, path = filesystem(uri)
+    fs, path = storage.fsspec_filesystem(uri)
     if fs.isdir(path):
         files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))
     else:

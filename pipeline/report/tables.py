@@ -15,31 +15,28 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from opticam_core.methods import METHODS, REGISTRY
+from opticam_core.metrics import lower_is_better
+
 from .paper import paper_value
 
-METHOD_ORDER = ("fakecam", "gradcam", "gradcampp", "scorecam", "ablationcam", "xgradcam", "layercam",
-                "hirescam", "extremal", "opticam")
-METHOD_NAMES = {"fakecam": "Fake-CAM", "gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++",
-                "scorecam": "Score-CAM", "ablationcam": "Ablation-CAM", "xgradcam": "XGrad-CAM",
-                "layercam": "Layer-CAM", "hirescam": "HiRes-CAM", "extremal": "ExPerturbation",
-                "opticam": "Opti-CAM", "box": "S := B", "not_box": "S := I∖B"}
+#: The method-free rows of the box study, listed after the methods.
+PSEUDO_NAMES = {"box": "S := B", "not_box": "S := I∖B"}
 LATEX_METHOD_NAMES = {"box": "$S := B$", "not_box": "$S := I \\setminus B$"}
-#: Rows never marked best: the sanity baseline and the method-free rows.
-NOT_RANKED = ("fakecam", "box", "not_box")
-LOWER_IS_BETTER = {"AD", "D", "OM", "LE", "SM"}
+#: Rows never marked best: the reference methods (Fake-CAM) and the method-free rows.
+NOT_RANKED = tuple(k for k, s in REGISTRY.items() if s.family == "reference") + tuple(PSEUDO_NAMES)
 
 
 def method_name(key: str) -> str:
-    return METHOD_NAMES.get(key, key)
+    spec = REGISTRY.get(key)
+    return spec.name if spec is not None else PSEUDO_NAMES.get(key, key)
 
 
 def method_order(methods) -> list[str]:
-    known = [m for m in METHOD_ORDER if m in set(methods)]
-    return known + sorted(set(methods) - set(METHOD_ORDER))
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric.split("@", 1)[0] in LOWER_IS_BETTER
+    """The paper's order (the methods' ranks), then the method-free rows, then anything else."""
+    present = set(methods)
+    known = [m for m in (*METHODS, *PSEUDO_NAMES) if m in present]
+    return known + sorted(present - set(known))
 
 
 @dataclass(frozen=True)
