@@ -14,9 +14,12 @@ from pydantic import BaseModel
 from ..models import ModelBundle
 from ..options import OptionsError
 from . import (  # noqa: F401  (each module registers its methods)
+    attention,
     extremal,
     fake,
     gradient,
+    gradshap,
+    lime_superpixels,
     opticam,
     perturbation,
 )
