@@ -36,13 +36,19 @@ class CropGeometry(NamedTuple):
     size: tuple[int, int]
 
 
-def crop_geometry(height: int, width: int, *, resize: int = 256, size=(224, 224)) -> CropGeometry:
+def crop_geometry(height: int, width: int, *, resize=256, size=(224, 224)) -> CropGeometry:
+    """resize: an int sets the shorter side (aspect kept, torchvision's Resize(int)); a pair
+    (h, w) resizes to exactly that (aspect not kept, Resize((h, w)): the medical models' direct
+    resize to 224×224, PAPER.md App. E)."""
     size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {height}×{width}")
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = int(resize), int(resize * long / short)
-    new_h, new_w = (new_long, new_short) if width <= height else (new_short, new_long)
+    if isinstance(resize, (tuple, list)):
+        new_h, new_w = int(resize[0]), int(resize[1])
+    else:
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = int(resize), int(resize * long / short)
+        new_h, new_w = (new_long, new_short) if width <= height else (new_short, new_long)
     if new_h < size[0] or new_w < size[1]:
         raise ValueError(f"resize {resize} gives {new_h}×{new_w}, smaller than the crop {size[0]}×{size[1]}")
     top = int(round((new_h - size[0]) / 2.0))
@@ -50,7 +56,7 @@ def crop_geometry(height: int, width: int, *, resize: int = 256, size=(224, 224)
     return CropGeometry(height, width, (new_h, new_w), top, left, size)
 
 
-def preprocess(image: torch.Tensor, *, resize: int = 256, size=(224, 224)) -> torch.Tensor:
+def preprocess(image: torch.Tensor, *, resize=256, size=(224, 224)) -> torch.Tensor:
     """A decoded image → float 3×h×w in [0,1] (h×w = `size`), ready for a `ModelBundle`.
 
     image: uint8 (0–255) or floating (0–1) tensor, C×H×W with C in {1, 2, 3, 4} (grayscale is
@@ -75,7 +81,7 @@ def preprocess(image: torch.Tensor, *, resize: int = 256, size=(224, 224)) -> to
     return x.clamp(0, 1).contiguous()
 
 
-def transform_boxes(boxes, height: int, width: int, *, resize: int = 256,
+def transform_boxes(boxes, height: int, width: int, *, resize=256,
                     size=(224, 224)) -> tuple[torch.Tensor, int]:
     """Boxes n×4 (x0, y0, x1, y1) in original pixel-edge coordinates → (m×4 in the preprocessed
     image, the number of boxes dropped because nothing of them is left inside the crop).

@@ -9,6 +9,7 @@ and all errors of a config are reported together, so one edit fixes a config.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +29,8 @@ from pydantic import (
 from opticam_core.methods import method_spec
 from opticam_core.methods import methods as registered_methods
 from opticam_core.metrics import GROUPS as METRIC_GROUPS
-from opticam_core.models import available_models, recipe
+from opticam_core.metrics import default_groups
+from opticam_core.models import BUILTIN, available_models, recipe
 from opticam_core.options import (
     Int,
     NonNegativeFloat,
@@ -37,11 +39,26 @@ from opticam_core.options import (
     problems,
 )
 
+from .preprocess import PreprocessSpec
 from .storage import has_credentials, redact
 
 #: `uri` of the embedded demo dataset: the photos packaged with opticam (pipeline.demo.samples).
 DEMO_URI = "demo"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+#: The classes a map can be made for (paper Table A.9): the ground truth, or the most, second-most
+#: or least probable class on the clean image. The metrics always use the ground truth.
+TARGETS = ("label", "top1", "top2", "least")
+Target = Literal["label", "top1", "top2", "least"]
+
+#: `methods:` keys are a registered method, or `base:variant` (the base with other options, e.g.
+#: `opticam:diff`), so that one run holds several settings of one method (paper Tables 6, A.12).
+VARIANT_SEP = ":"
+
+
+def method_base(key: str) -> str:
+    """The registered method a `methods:` key runs (`opticam:diff` → `opticam`)."""
+    return key.split(VARIANT_SEP, 1)[0]
 
 
 class ConfigError(ValueError):
@@ -69,10 +86,22 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class SubsetSpec(_Spec):
+    """A class-balanced subset chosen by `seed` (the paper's 1,000 ImageNet-val images):
+    the same samples in every run, whatever the files' layout (`pipeline.job.balanced_subset`)."""
+
+    size: PositiveInt
+    seed: Int = 0
+
+
 class DatasetSpec(_Spec):
     name: Name
     uri: Text
+    subset: SubsetSpec | None = None  # applied first, then `limit`
     limit: PositiveInt | None = None  # the first `limit` samples by sample_id (stable across nights)
+    #: how images become the model's input (issue 13): None, the model's own (Resize(256)/CenterCrop(224));
+    #: `{resize: 224}` the fine-tuned medical models' direct resize (`pipeline.preprocess`)
+    preprocess: PreprocessSpec | None = None
 
 
 class ModelSpec(_Spec):
@@ -82,6 +111,9 @@ class ModelSpec(_Spec):
     checkpoint: Text | None = None
     num_classes: Annotated[Int, at.Ge(2)] | None = None
     layer: Text | None = None
+    #: several target layers of one network (paper Table A.13): one plan per layer, keys `{key}@{layer}`
+    layers: Annotated[tuple[Text, ...], at.MinLen(1)] | None = None
+    normalize: bool = True  # False: [0,1] pixels without mean/std (paper Table A.14)
     datasets: tuple[str, ...] | None = None  # None: every dataset
     methods: tuple[str, ...] | None = None   # None: every method of the run (the paper's tables differ
                                              # between CNNs and transformers)
@@ -90,12 +122,35 @@ class ModelSpec(_Spec):
     @classmethod
     def _key_defaults_to_name(cls, data):
         if isinstance(data, Mapping) and data.get("key") is None and isinstance(data.get("name"), str):
-            return {**data, "key": data["name"]}
+            return {**data, "key": default_model_key(data)}
         return data
+
+    @model_validator(mode="after")
+    def _one_way_to_name_layers(self):
+        if self.layer is not None and self.layers is not None:
+            raise ValueError("give `layer` or `layers`, not both")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"`layers` names a layer twice: {list(self.layers)}")
+        return self
+
+    def expand(self) -> list["ModelSpec"]:
+        """One entry per target layer: itself, or with `layers` one `{key}@{layer}` per layer."""
+        if self.layers is None:
+            return [self]
+        # model_copy does not validate: '@' stays out of the keys a user may write
+        return [self.model_copy(update={"key": f"{self.key}@{layer}", "layer": layer, "layers": None})
+                for layer in self.layers]
 
     def load_kwargs(self) -> dict:
         return {"weights": self.weights, "checkpoint": self.checkpoint,
-                "num_classes": self.num_classes, "layer": self.layer}
+                "num_classes": self.num_classes, "layer": self.layer, "normalize": self.normalize}
+
+
+def default_model_key(entry: Mapping) -> str:
+    """A model entry's key when it gives none: its name (`{name}-unnormalized` without normalisation,
+    so that the study's rows never mix with the normalised model's)."""
+    name = entry.get("name")
+    return f"{name}-unnormalized" if entry.get("normalize") is False else name
 
 
 class ComputeSpec(_Spec):
@@ -114,13 +169,26 @@ class RunConfig(_Spec):
     #: method key → the options given (validated; defaults are not filled in, see `resolved_methods`)
     methods: dict[str, dict[str, Any]]
     #: metric group → the options given (validated)
-    metrics: dict[str, dict[str, Any]] = Field(default_factory=lambda: {g: {} for g in METRIC_GROUPS})
+    metrics: dict[str, dict[str, Any]] = Field(default_factory=lambda: {g: {} for g in default_groups()})
     compute: ComputeSpec = ComputeSpec()
     save_maps: Literal["png", "none"] = "png"
+    #: the classes maps are made for (rows' `target`); the metrics always use the label
+    targets: Annotated[tuple[Target, ...], at.MinLen(1)] = ("label",)
+
+    @model_validator(mode="after")
+    def _targets_once(self):
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"`targets` names a target twice: {list(self.targets)}")
+        return self
+
+    def model_entries(self) -> list[ModelSpec]:
+        """The models as the job runs them: entries with `layers` expanded, one per layer."""
+        return [e for m in self.models for e in m.expand()]
 
     def pairs(self) -> list[tuple[DatasetSpec, ModelSpec]]:
-        """The (dataset, model) plans of this run, in config order."""
-        return [(d, m) for d in self.datasets for m in self.models if m.datasets is None or d.name in m.datasets]
+        """The (dataset, model) plans of this run, in config order (`layers` expanded)."""
+        return [(d, m) for d in self.datasets for m in self.model_entries()
+                if m.datasets is None or d.name in m.datasets]
 
     def methods_for(self, model: ModelSpec) -> dict[str, dict[str, Any]]:
         """The methods (and their given options) that run on `model`, in the config's order."""
@@ -132,7 +200,7 @@ class RunConfig(_Spec):
 
     def resolved_methods(self) -> dict[str, dict[str, Any]]:
         """method → every option with its value (defaults filled in): what produces the rows."""
-        return {k: method_spec(k).resolved(v) for k, v in self.methods.items()}
+        return {k: method_spec(method_base(k)).resolved(v) for k, v in self.methods.items()}
 
     def resolved_metrics(self) -> dict[str, dict[str, Any]]:
         return {g: METRIC_GROUPS[g].resolved(v) for g, v in self.metrics.items()}
@@ -152,8 +220,10 @@ def default_run_id() -> str:
 # Validation: the shape through pydantic, the options through each method's and group's schema
 
 
-def _named_options(raw, where: str, registry: Mapping, what: str, validate) -> tuple[dict, list[str]]:
-    """`{key: options}` (or a list of keys) checked key by key; (validated given options, problems)."""
+def _named_options(raw, where: str, registry: Mapping, what: str, validate,
+                   base=lambda key: key) -> tuple[dict, list[str]]:
+    """`{key: options}` (or a list of keys) checked key by key; (validated given options, problems).
+    base: the registered name a key stands for (a method variant's base method)."""
     if isinstance(raw, list):
         if not all(isinstance(k, str) for k in raw):
             return {}, [f"{where}: a list must hold {what} names, got {raw!r}"]
@@ -162,8 +232,12 @@ def _named_options(raw, where: str, registry: Mapping, what: str, validate) -> t
         return {}, [f"{where}: must be a non-empty mapping {what} -> options; valid: {', '.join(registry)}"]
     out, errors = {}, []
     for key, opts in raw.items():
-        if key not in registry:
+        if not isinstance(key, str) or base(key) not in registry:
             errors.append(f"{where}.{key}: unknown {what}; valid: {', '.join(registry)}")
+            continue
+        if key != base(key) and not _NAME.match(key[len(base(key)) + 1:]):
+            errors.append(f"{where}.{key}: a variant is `{base(key)}{VARIANT_SEP}NAME`, NAME of letters, digits, "
+                          "'_', '-', '.' (it names the rows' method)")
             continue
         try:
             out[key] = validate(key, opts).model_dump(mode="json", exclude_unset=True)
@@ -186,13 +260,16 @@ def _cross_checks(raw: Mapping) -> list[str]:
         if name in datasets[:i]:
             errors.append(f"datasets[{i}].name: {name!r} is used twice")
     models = _entries(raw, "models")
-    keys = [m.get("key") or m.get("name") for m in models]
+    keys = [_entry_keys(m) for m in models]
     for i, m in enumerate(models):
-        if keys[i] in keys[:i]:
-            errors.append(f"models[{i}].key: {keys[i]!r} is used twice; give one of them another key")
-        if isinstance(m.get("name"), str) and not m.get("layer") and recipe(m["name"]).layer is None:
+        for key in keys[i]:
+            if any(key in earlier for earlier in keys[:i]):
+                errors.append(f"models[{i}].key: {key!r} is used twice; give one of them another key")
+        if isinstance(m.get("name"), str) and not m.get("layer") and not m.get("layers") \
+                and recipe(m["name"]).layer is None:
             errors.append(f"models[{i}].layer: {m['name']!r} is not a built-in model ({', '.join(available_models())}): "
                           "name its target layer")
+        errors += _unknown_layers(m, i)
         listed = m.get("methods")
         if isinstance(listed, list) and isinstance(raw.get("methods"), (Mapping, list)):
             errors += [f"models[{i}].methods: {name!r} is not a method of this run; methods: {list(raw['methods'])}"
@@ -202,10 +279,69 @@ def _cross_checks(raw: Mapping) -> list[str]:
             errors += [f"models[{i}].datasets: {name!r} is not a dataset of this run; datasets: {datasets}"
                        for name in wanted if name not in datasets]
     errors += _unservable_pairs(raw, models)
+    errors += _metrics_that_cannot_run(raw, models)
     if datasets and models and not any(not isinstance(m.get("datasets"), list) or set(m["datasets"]) & set(datasets)
                                        for m in models):
         errors.append("models: no model applies to any dataset")
     return errors
+
+
+def _entry_keys(m: Mapping) -> list:
+    """The model keys a raw entry yields (one per layer with `layers`)."""
+    key = m.get("key") or default_model_key(m)
+    layers = m.get("layers")
+    if isinstance(layers, list) and not m.get("layer"):
+        return [f"{key}@{layer}" for layer in layers]
+    return [key]
+
+
+@functools.lru_cache(maxsize=32)
+def _module_names(name: str) -> frozenset[str] | None:
+    """The module paths of a torchvision or timm architecture, built on the meta device (no
+    weights, no memory, ~0.1 s); None when it cannot be built that way (then the actor tells)."""
+    import torch
+
+    from opticam_core.models.networks import timm_net, torchvision_net
+
+    cfg = BUILTIN.get(name)
+    arch = cfg.arch if cfg else name
+    try:
+        with torch.device("meta"):
+            built = None
+            if cfg is None or cfg.source == "torchvision":
+                built = torchvision_net(arch, None)
+                built = built[0] if built is not None else None
+            if built is None and (cfg is None or cfg.source in ("timm", "lite0")):
+                built = timm_net(arch, None)
+    except Exception:
+        return None
+    return frozenset(n for n, _ in built.named_modules() if n) if built is not None else None
+
+
+def _unknown_layers(m: Mapping, i: int) -> list[str]:
+    """A layer the network does not have would fail every row on the cluster: refuse it here."""
+    if not isinstance(m.get("name"), str):
+        return []
+    given = [("layer", m.get("layer"))] if isinstance(m.get("layer"), str) else []
+    if isinstance(m.get("layers"), list):
+        given += [(f"layers[{j}]", layer) for j, layer in enumerate(m["layers"]) if isinstance(layer, str)]
+    if not given:
+        return []
+    names = _module_names(recipe(m["name"]).name)
+    if names is None:
+        return []
+    def near(layer: str) -> str:  # the modules beside where the name points, else the top level
+        parent = layer.rpartition(".")[0]
+        siblings = sorted((n for n in names if n.rpartition(".")[0] == parent), key=_natural)
+        siblings = siblings or sorted((n for n in names if "." not in n), key=_natural)
+        return ", ".join(siblings[:12]) + (", …" if len(siblings) > 12 else "")
+
+    return [f"models[{i}].{where}: {layer!r} is not a module of {m['name']!r}; e.g. {near(layer)}"
+            for where, layer in given if layer not in names]
+
+
+def _natural(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
 
 
 def _unservable_pairs(raw: Mapping, models: list[Mapping]) -> list[str]:
@@ -214,18 +350,61 @@ def _unservable_pairs(raw: Mapping, models: list[Mapping]) -> list[str]:
     methods = raw.get("methods") if isinstance(raw.get("methods"), Mapping) else {}
     errors = []
     for key in methods:
-        needs = method_spec(key).requires if key in registered_methods() else None
+        base = method_base(key) if isinstance(key, str) else None
+        needs = method_spec(base).requires if base in registered_methods() else None
         if needs is None:
             continue
         for i, m in enumerate(models):
             listed = m.get("methods")
             if not isinstance(m.get("name"), str) or (isinstance(listed, list) and key not in listed):
                 continue
-            r = recipe(m["name"], layer=m.get("layer"))
-            if needs.serves_recipe(r) is False:
+            layers = m.get("layers") if isinstance(m.get("layers"), list) else [m.get("layer")]
+            if any(needs.serves_recipe(recipe(m["name"], layer=layer)) is False for layer in layers):
                 errors.append(f"methods.{key}: needs {needs.name}, which models[{i}] ({m['name']!r}) does not have; "
                               f"it accepts {needs.accepts} (list the methods this model runs in models[{i}].methods)")
     return errors
+
+
+def _metrics_that_cannot_run(raw: Mapping, models: list[Mapping]) -> list[str]:
+    """Metric options that only the input size or the model can refute (AOPC's patch size must
+    tile the input; the sanity check cannot randomise more blocks than the model has): refused
+    here rather than as rows of errors on the cluster."""
+    from opticam_core.metrics import check_aopc_input_size
+    from opticam_core.models.randomize import check_blocks
+
+    given = raw.get("metrics")
+    given = given if isinstance(given, Mapping) else {g: None for g in given} if isinstance(given, list) else {}
+    errors: list[str] = []
+    if "aopc" in given:
+        sizes = set()
+        for d in _entries(raw, "datasets"):
+            try:
+                prep = PreprocessSpec.model_validate(d["preprocess"]) if d.get("preprocess") else None
+            except Exception:  # noqa: BLE001  (its own error is reported by the dataset's validation)
+                continue
+            sizes.add(tuple(prep.kwargs()["size"]) if prep else (224, 224))
+        for size in sorted(sizes or {(224, 224)}):
+            try:
+                check_aopc_input_size(given["aopc"], size)
+            except OptionsError as err:
+                errors += err.problems
+            except Exception:  # noqa: BLE001  (bad aopc options: reported by the group's validation)
+                pass
+    if "sanity" in given:
+        try:
+            blocks = METRIC_GROUPS["sanity"].kwargs(given["sanity"])["blocks"]
+        except Exception:  # noqa: BLE001  (reported by the group's validation)
+            blocks = None
+        for i, m in enumerate(models):
+            if blocks is None or not isinstance(m.get("name"), str):
+                continue
+            try:
+                check_blocks(m["name"], blocks, where=f"metrics.sanity.blocks (models[{i}])")
+            except OptionsError as err:
+                errors += err.problems
+            except Exception as err:  # noqa: BLE001  (an architecture the sanity check does not know)
+                errors.append(f"metrics.sanity: models[{i}] ({m['name']!r}): {err}")
+    return sorted(set(errors), key=errors.index)
 
 
 def _uris_with_credentials(raw: dict) -> list[str]:
@@ -255,7 +434,8 @@ def parse_config(raw: Mapping[str, Any], *, run_id: str | None = None, output: s
         raw["output"] = output
     credential_errors = _uris_with_credentials(raw)
     methods, errors = _named_options(raw.get("methods"), "methods", registered_methods(), "method",
-                                     lambda k, o: method_spec(k).validate(o, f"methods.{k}"))
+                                     lambda k, o: method_spec(method_base(k)).validate(o, f"methods.{k}"),
+                                     base=method_base)
     metric_errors: list[str] = []
     if raw.get("metrics") is not None:
         raw["metrics"], metric_errors = _named_options(raw["metrics"], "metrics", METRIC_GROUPS, "metric group",

@@ -3,10 +3,12 @@
 A row's meaning is fixed by what produced it: the method and its options, the model (name,
 weights, checkpoint, classes, layer), the preprocessing, the metric groups and their options,
 and the version of opticam_core. The manifest records that, flattened to field paths, per
-(dataset, model, method); a rerun of the same run id whose configuration changed for a
-(dataset, model, method) that the run already holds is refused before any work, naming each
-changed field with its old and new value. Adding a dataset, a model or a method is not a change.
-Defaults are filled in first, so writing a default out explicitly changes nothing.
+(dataset, model, method, target); a rerun of the same run id whose configuration changed for a
+plan that the run already holds is refused before any work, naming each changed field with its
+old and new value. Adding a dataset, a model, a method or a target is not a change. Defaults are
+filled in first, so writing a default out explicitly changes nothing; settings added after runs
+were recorded (no normalisation, a subset) enter only when they are not the default, so that
+those runs stay valid.
 """
 
 from __future__ import annotations
@@ -24,15 +26,22 @@ class RunConflict(ConfigError):
     """A rerun whose configuration differs from the one the run's rows were made with."""
 
 
-def plan_key(dataset: str, model: str, method: str) -> str:
-    return f"{dataset}/{model}/{method}"
+def plan_key(dataset: str, model: str, method: str, target: str = "label") -> str:
+    """`dataset/model/method`, and `/target` for a map made for another class than the label (the
+    label's key is the one runs recorded before targets existed). Names hold no '/'."""
+    return f"{dataset}/{model}/{method}" + ("" if target == "label" else f"/{target}")
+
+
+def plan_method(plan: str) -> str:
+    return plan.split("/")[2]
 
 
 def _model_fields(model: ModelSpec) -> dict[str, Any]:
     """The model as `load_model` will build it: aliases, the default layer and weights resolved."""
     r = recipe(model.name, **model.load_kwargs())
     where = f"models[{model.key}]"
-    return {
+    extra = {} if r.normalize else {f"{where}.normalize": False}
+    return {**extra,
         f"{where}.name": r.name,
         f"{where}.weights": r.weights,
         f"{where}.checkpoint": r.checkpoint,
@@ -53,10 +62,17 @@ def fingerprints(config: RunConfig) -> dict[str, dict[str, Any]]:
     out = {}
     for dataset, model, run_methods in config.plans():
         model_fields = _model_fields(model)
+        if dataset.subset is not None:  # which samples the run holds
+            model_fields = {**model_fields, **{f"datasets[{dataset.name}].subset.{k}": v
+                                               for k, v in dataset.subset.model_dump().items()}}
+        if dataset.preprocess is not None:  # the dataset's geometry replaces the model's (same fields:
+            # writing out the default, {resize: 256, crop: 224}, changes nothing)
+            model_fields = {**model_fields, **dataset.preprocess.fingerprint()}
         for method in run_methods:
             options = methods[method]
             fields = {**shared, **model_fields, **{f"methods.{method}.{k}": v for k, v in options.items()}}
-            out[plan_key(dataset.name, model.key, method)] = fields
+            for target in config.targets:
+                out[plan_key(dataset.name, model.key, method, target)] = fields
     return out
 
 
@@ -76,7 +92,7 @@ def changes(recorded: Mapping[str, Mapping], current: Mapping[str, Mapping], *,
     """What differs for the plans both hold (plans only one of them holds are additions)."""
     out = []
     for plan in sorted(set(recorded) & set(current)):
-        if plan.rsplit("/", 1)[-1] in ignore_methods:
+        if plan_method(plan) in ignore_methods:
             continue
         old, new = recorded[plan], current[plan]
         for field in sorted(set(old) | set(new)):
@@ -92,7 +108,7 @@ def conflict_message(run_id: str, found: list[Change]) -> str:
     by_field: dict[tuple, list[str]] = {}
     for c in found:
         by_field.setdefault((c.field, repr(c.old), repr(c.new)), []).append(c.plan)
-    methods = sorted({c.plan.rsplit("/", 1)[-1] for c in found})
+    methods = sorted({plan_method(c.plan) for c in found})
     lines = [f"run {run_id!r} already holds rows made with another configuration; nothing was changed:"]
     for (field, old, new), plans in by_field.items():
         where = plans[0] if len(plans) == 1 else f"{plans[0]} and {len(plans) - 1} more"

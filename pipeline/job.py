@@ -4,9 +4,9 @@ Per (dataset, model): read the samples (local or s3://) → keep the samples tha
 → `map_batches(Evaluator)` on a pool of actors that each hold the frozen model (GPUs when the
 cluster has them) → `write_parquet` to OUT/run=ID/dataset=D/model=M/, streamed.
 
-Resume: every row carries (dataset, sample_id, model, method). Before a plan runs, the rows
-already written under its directory are read (only those columns), and only the missing
-(sample, method) pairs are computed. A file a killed driver left half-written cannot be read:
+Resume: every row carries (dataset, sample_id, model, method, target). Before a plan runs, the
+rows already written under its directory are read (only those columns), and only the missing
+(sample, method, target) triples are computed. A file a killed driver left half-written cannot be read:
 it is deleted and its rows are computed again. So a rerun with the same run id, after a crash
 or with methods added to the config, completes the run and holds each row exactly once.
 
@@ -17,6 +17,7 @@ were made is refused before any work, unless `--replace METHOD` names the method
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import posixpath
@@ -41,6 +42,7 @@ from .config import (
     load_config,
 )
 from .fingerprint import RunConflict, changes, conflict_message, fingerprints
+from .schema import DEFAULTS, RESULTS, todo_entry
 
 MANIFEST = "_run.json"
 
@@ -88,21 +90,25 @@ def existing_rows(uri: str, *, repair: bool = True, drop_failed: bool = False) -
     repair: remove files that cannot be read (what a killed writer leaves), so their rows are
     computed again. drop_failed: rewrite files without their failed rows, so those are retried.
     """
-    columns = ["sample_id", "method", "error"]
-    empty = pa.table({c: pa.array([], pa.string()) for c in columns})
+    # An explicit schema: files written before the `target` column existed read it as null
+    # (= "label", below) instead of failing the read.
+    schema = pa.schema([RESULTS.field(c) for c in ("sample_id", "method", "target", "error")])
+    empty = schema.empty_table()
     if not storage.exists(uri):
         return empty
     fs, path = storage.filesystem(uri)
     if not drop_failed:
         try:  # one read for the whole directory: the common case, no damaged file
-            return pads.dataset(path, filesystem=fs, format="parquet", partitioning=None).to_table(columns=columns)
+            return _label_default(pads.dataset(path, schema=schema, filesystem=fs, format="parquet",
+                                               partitioning=None).to_table())
         except Exception:
             if not repair:
                 raise
     parts = []
     for file in _result_files(uri):
         try:
-            part = pads.dataset(storage.filesystem(file)[1], filesystem=fs, format="parquet").to_table(columns=columns)
+            part = pads.dataset(storage.filesystem(file)[1], schema=schema, filesystem=fs,
+                                format="parquet").to_table()
         except Exception as err:
             if not repair:
                 raise
@@ -114,7 +120,12 @@ def existing_rows(uri: str, *, repair: bool = True, drop_failed: bool = False) -
             _rewrite_without(file, lambda t: pc.is_valid(t.column("error")))
             part = part.filter(pc.is_null(part.column("error")))
         parts.append(part)
-    return pa.concat_tables(parts) if parts else empty
+    return _label_default(pa.concat_tables(parts)) if parts else empty
+
+
+def _label_default(table: pa.Table) -> pa.Table:
+    i = table.schema.get_field_index("target")
+    return table.set_column(i, "target", pc.fill_null(table.column(i), DEFAULTS["target"]))
 
 
 def remove_method_rows(config: RunConfig, methods: set[str]) -> int:
@@ -124,25 +135,65 @@ def remove_method_rows(config: RunConfig, methods: set[str]) -> int:
                for f in _result_files(run_uri(config.output, config.run_id)))
 
 
-def sample_ids(uri: str) -> list[str]:
+def sample_ids(uri: str, *, labels: bool = False) -> list[str] | tuple[list[str], list[int]]:
+    """The sample ids of a samples directory (and their labels, with `labels=True`)."""
     fs, path = storage.filesystem(uri)
-    ids = pads.dataset(path, filesystem=fs, format="parquet", partitioning=None).to_table(columns=["sample_id"])
-    return ids.column("sample_id").to_pylist()
+    columns = ["sample_id", "label"] if labels else ["sample_id"]
+    table = pads.dataset(path, filesystem=fs, format="parquet", partitioning=None).to_table(columns=columns)
+    ids = table.column("sample_id").to_pylist()
+    return (ids, table.column("label").to_pylist()) if labels else ids
 
 
-def missing_work(dataset: DatasetSpec, samples_uri: str, methods: list[str], done: pa.Table) -> dict[str, list[str]]:
-    """sample_id → methods whose rows are missing, over the dataset's selected samples."""
-    ids = sample_ids(samples_uri)
+def _rank(seed: int, value) -> bytes:
+    return hashlib.blake2b(f"{seed}\x00{value}".encode(), digest_size=8).digest()
+
+
+def balanced_subset(ids: list[str], labels: list, size: int, seed: int = 0) -> list[str]:
+    """`size` sample ids, class-balanced, chosen by `seed` (sorted by id).
+
+    Within each class the samples are ranked by a seeded hash of their id, and the classes are
+    ordered by a seeded hash of the label; the subset takes each class's first-ranked sample,
+    then each class's second, and so on, until `size`. It depends only on the set of (id, label)
+    pairs and the seed: not on file order, shard layout or Ray's ordering. Classes differ by at
+    most one sample, unless a class runs out."""
+    by_class: dict = defaultdict(list)
+    for sid, label in zip(ids, labels):
+        by_class[label].append(sid)
+    classes = sorted(by_class, key=lambda c: (_rank(seed, f"class:{c}"), str(c)))
+    ranked = [sorted(by_class[c], key=lambda sid: (_rank(seed, sid), sid)) for c in classes]
+    chosen: list[str] = []
+    for depth in range(max((len(r) for r in ranked), default=0)):
+        for members in ranked:
+            if depth < len(members):
+                chosen.append(members[depth])
+                if len(chosen) == size:
+                    return sorted(chosen)
+    return sorted(chosen)
+
+
+def select_samples(dataset: DatasetSpec, samples_uri: str) -> list[str]:
+    """The sample ids a dataset entry selects: its `subset`, then the first `limit` by id."""
+    ids, labels = sample_ids(samples_uri, labels=True)
     if len(set(ids)) != len(ids):
         dupes = sorted(i for i, n in Counter(ids).items() if n > 1)[:5]
         raise ValueError(f"dataset {dataset.name!r}: sample_id is not unique (e.g. {dupes})")
-    selected = sorted(ids)[: dataset.limit] if dataset.limit else ids
+    if dataset.subset is not None:
+        ids = balanced_subset(ids, labels, dataset.subset.size, dataset.subset.seed)
+    return sorted(ids)[: dataset.limit] if dataset.limit else ids
+
+
+def missing_work(dataset: DatasetSpec, samples_uri: str, methods: list[str], done: pa.Table,
+                 targets=("label",)) -> dict[str, list[str]]:
+    """sample_id → the (method, target) rows it misses (`todo_entry`s), over the selected samples."""
+    selected = select_samples(dataset, samples_uri)
     have: dict[str, set[str]] = defaultdict(set)
-    for sid, method in zip(done.column("sample_id").to_pylist(), done.column("method").to_pylist()):
-        have[sid].add(method)
+    for sid, method, target in zip(done.column("sample_id").to_pylist(), done.column("method").to_pylist(),
+                                   done.column("target").to_pylist()):
+        have[sid].add(todo_entry(method, target or "label"))
+    wanted = [todo_entry(m, t) for m in methods for t in targets]
     todo = {}
     for sid in selected:
-        missing = [m for m in methods if m not in have.get(sid, ())]
+        missing = [w for w in wanted if w not in have.get(sid, ())]
         if missing:
             todo[sid] = missing
     return todo
@@ -206,6 +257,8 @@ def evaluate_plan(config: RunConfig, dataset: DatasetSpec, model: ModelSpec, sam
             run_id=config.run_id, dataset=dataset.name,
             model={"name": model.name, "key": model.key, **model.load_kwargs()},
             methods=config.methods_for(model), metrics=config.metrics, save_maps=config.save_maps,
+            targets=list(config.targets),
+            preprocess=dataset.preprocess.model_dump() if dataset.preprocess else None,
             threads=max(1, int(c.cpus_per_actor)) if not gpus else None,
         ),
         batch_size=c.batch_size, batch_format="pyarrow",
@@ -217,7 +270,8 @@ def evaluate_plan(config: RunConfig, dataset: DatasetSpec, model: ModelSpec, sam
     )
     out_fs, out_path = storage.filesystem(plan_uri(config.output, config.run_id, dataset.name, model.key))
     # About one file per batch: rows reach storage as batches finish, so a crash loses little.
-    ds.write_parquet(out_path, filesystem=out_fs, max_rows_per_file=c.batch_size * len(config.methods_for(model)))
+    ds.write_parquet(out_path, filesystem=out_fs,
+                     max_rows_per_file=c.batch_size * len(config.methods_for(model)) * len(config.targets))
 
 
 def _cluster_gpus() -> float:
@@ -234,8 +288,8 @@ def _cluster_gpus() -> float:
 class RunSummary:
     run_id: str
     uri: str
-    counts: dict = field(default_factory=dict)  # (dataset, model, method) → (ok, failed)
-    computed: int = 0                            # (sample, method) rows computed by this call
+    counts: dict = field(default_factory=dict)  # (dataset, model, method, target) → (ok, failed)
+    computed: int = 0                            # (sample, method, target) rows computed by this call
     seconds: float = 0.0
 
     @property
@@ -247,9 +301,9 @@ class RunSummary:
         return sum(o for o, _f in self.counts.values())
 
     def table(self) -> str:
-        lines = [f"{'dataset':<16} {'model':<24} {'method':<12} {'rows':>7} {'failed':>7}"]
-        for (d, m, meth), (ok, bad) in sorted(self.counts.items()):
-            lines.append(f"{d:<16} {m:<24} {meth:<12} {ok + bad:>7} {bad:>7}")
+        lines = [f"{'dataset':<16} {'model':<24} {'method':<12} {'target':<7} {'rows':>7} {'failed':>7}"]
+        for (d, m, meth, target), (ok, bad) in sorted(self.counts.items()):
+            lines.append(f"{d:<16} {m:<24} {meth:<12} {target:<7} {ok + bad:>7} {bad:>7}")
         lines.append(f"{self.ok} rows succeeded, {self.failed} failed; {self.computed} computed in this "
                      f"invocation ({self.seconds:.1f} s). Results: {storage.redact(self.uri)}")
         return "\n".join(lines)
@@ -299,6 +353,30 @@ def _write_manifest(config: RunConfig, samples: dict[str, str] | None = None, **
     storage.write_text(uri, storage.redact(json.dumps(manifest, indent=2, default=str)))
 
 
+def describe_cost(config: RunConfig) -> str:
+    """Per plan, the model evaluations per image its methods and metrics imply (`opticam_core.cost`),
+    × the images where the dataset entry fixes their number (`subset`, `limit`). No weights are
+    loaded: each model's architecture is read on the meta device. An estimate that fails says so
+    and fails nothing: the config itself is valid."""
+    from opticam_core.cost import model_info, per_image
+
+    out = []
+    for dataset, model, methods in config.plans():
+        try:
+            info = model_info(model.name, model.layer, model.num_classes)
+            table = per_image({k: config.methods[k] for k in methods}, config.metrics, info)
+        except Exception as err:  # noqa: BLE001  (a cost declaration's bug must not refuse a valid config)
+            out.append(f"[{dataset.name} × {model.key}] cost not estimated: {type(err).__name__}: {err}")
+            continue
+        sizes = [n for n in (dataset.subset and dataset.subset.size, dataset.limit) if n]
+        about = [f"K = {info.channels}" if info.channels else "",
+                 f"{info.gflops:.1f} GFLOP per forward" if info.gflops else "", *info.notes]
+        out.append(f"[{dataset.name} × {model.key}] model evaluations per image"
+                   + (f" ({'; '.join(a for a in about if a)})" if any(about) else "") + ":")
+        out.append(table.format(min(sizes) if sizes else None, gflops=info.gflops, targets=len(config.targets)))
+    return "\n".join(out)
+
+
 def check_configuration(config: RunConfig, replace: set[str] = frozenset()) -> None:
     """Refuse (RunConflict) a rerun whose configuration changed for a (dataset, model, method) the
     run already holds, except for the methods in `replace`. Reads the manifest only."""
@@ -316,12 +394,12 @@ def count_rows(config: RunConfig) -> dict:
     counts = {}
     for dataset, model, run_methods in config.plans():
         rows = existing_rows(plan_uri(config.output, config.run_id, dataset.name, model.key), repair=False)
-        methods = rows.column("method").to_pylist()
-        errors = rows.column("error").to_pylist()
+        seen = Counter(zip(rows.column("method").to_pylist(), rows.column("target").to_pylist(),
+                           (e is None for e in rows.column("error").to_pylist())))
         for method in run_methods:
-            n_ok = sum(1 for m, e in zip(methods, errors) if m == method and e is None)
-            n_bad = sum(1 for m, e in zip(methods, errors) if m == method and e is not None)
-            counts[(dataset.name, model.key, method)] = (n_ok, n_bad)
+            for target in config.targets:
+                counts[(dataset.name, model.key, method, target)] = (seen[(method, target, True)],
+                                                                    seen[(method, target, False)])
     return counts
 
 
@@ -344,9 +422,11 @@ def run(config: RunConfig, *, address: str | None = None, retry_failed: bool = F
     for dataset, model, methods in config.plans():
         samples_uri = samples[dataset.name]
         dest = plan_uri(config.output, config.run_id, dataset.name, model.key)
-        todo = missing_work(dataset, samples_uri, methods, existing_rows(dest, drop_failed=retry_failed))
+        todo = missing_work(dataset, samples_uri, methods, existing_rows(dest, drop_failed=retry_failed),
+                            config.targets)
         pending = sum(len(v) for v in todo.values())
-        log(f"[{dataset.name} × {model.key}] {len(todo)} samples with {pending} (sample, method) rows to compute")
+        log(f"[{dataset.name} × {model.key}] {len(todo)} samples with {pending} (sample, method, target) rows "
+            "to compute")
         if todo:
             evaluate_plan(config, dataset, model, samples_uri, todo)
             summary.computed += pending
@@ -376,6 +456,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exit 1 when some rows failed (default: 0; failed rows are in the results)")
 
 
+def _check_against_manifest(config: RunConfig, replace: set[str]) -> None:
+    """`--check` validates offline too (a laptop without the cluster's credentials): when the
+    output cannot be read, it says so and skips only the comparison with the run's manifest,
+    which the run itself makes before any work."""
+    try:
+        check_configuration(config, replace)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001  (no credentials, no network, no bucket: all the same here)
+        print(f"note: the run's manifest under {storage.redact(config.output)} could not be read "
+              f"({storage.redact(f'{type(err).__name__}: {err}')[:300]}); the check against the rows this run "
+              f"already holds is left to the run itself", file=sys.stderr)
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, run_id=args.run_id, output=args.output)
@@ -384,12 +478,16 @@ def main(args: argparse.Namespace) -> int:
         return 2
     replace = {m for value in args.replace for m in value.split(",") if m}
     try:
-        check_configuration(config, replace)
         if args.check:
+            _check_against_manifest(config, replace)
             plans = config.plans()
             print(f"config OK: {len(plans)} (dataset, model) plans, {sum(len(m) for *_, m in plans)} "
-                  f"(dataset, model, method) combinations")
+                  f"(dataset, model, method) combinations" + (f", each for {len(config.targets)} targets "
+                                                              f"({', '.join(config.targets)})"
+                                                              if len(config.targets) > 1 else ""))
+            print(describe_cost(config))
             return 0
+        check_configuration(config, replace)
         summary = run(config, address=args.address, retry_failed=args.retry_failed, replace=replace)
     except ConfigError as err:  # RunConflict included: exit 2, nothing touched
         print(err, file=sys.stderr)

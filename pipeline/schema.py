@@ -39,21 +39,38 @@ IDENTIFIERS = [
     ("sample_id", pa.string()),
     ("model", pa.string()),          # the model's key in the run config (e.g. resnet50, kvasir-r50)
     ("layer", pa.string()),
-    ("method", pa.string()),
+    ("method", pa.string()),         # the run config's key: a method, or a variant `base:variant`
+    ("target", pa.string()),         # the class the map was made for: label, top1, top2, least
 ]
 
 RESULTS = pa.schema(
     IDENTIFIERS
-    + [("label_name", pa.string())]
+    + [
+        ("label_name", pa.string()),
+        ("target_class", pa.int64()),  # the class index of `target` (the label for target=label)
+        ("normalized", pa.bool_()),    # False: the model saw [0,1] pixels without mean/std
+    ]
     + [(name, ARROW_TYPES[f.kind]) for name, f in FIELDS.items()]
     + [
         ("options", pa.string()),    # the method's options as JSON, defaults filled in (what produced the row)
         ("seconds", pa.float64()),   # method time per image (its batch's time / batch size)
         ("error", pa.string()),      # null when the row is fine
+        ("metric_error", pa.string()),  # why a metric group that re-runs the method has NaN values here
         ("map_png", pa.binary()),    # the map as an 8-bit grayscale PNG, when saved
         ("created", pa.timestamp("us", tz="UTC")),
     ]
 )
 
 #: The columns that identify a row; a run holds each combination once.
-ROW_KEY = ("dataset", "sample_id", "model", "method")
+ROW_KEY = ("dataset", "sample_id", "model", "method", "target")
+
+#: What rows written before a column existed mean by its absence (the report reads them so).
+DEFAULTS = {"target": "label", "normalized": True}
+
+#: The job's `todo` column (what a sample still misses, travelling with it to the actors): comma-
+#: separated entries, `method` for a map of the label, `method|target` for another target.
+TODO_SEP = "|"
+
+
+def todo_entry(method: str, target: str = "label") -> str:
+    return method if target == "label" else f"{method}{TODO_SEP}{target}"

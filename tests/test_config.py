@@ -10,7 +10,9 @@ import pytest
 from pipeline.cli import main as cli_main
 from pipeline.config import ConfigError, load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "cluster" / "configs").glob("*.yaml"))
+# run configs only: finetune-*.yaml are `opticam finetune` configs (tests/test_finetune.py)
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "cluster" / "configs").glob("*.yaml")
+                 if not p.name.startswith("finetune-"))
 
 GOOD = {
     "output": "/tmp/out",
@@ -196,3 +198,19 @@ def test_a_method_paired_with_a_model_it_cannot_serve_is_refused():
             explain(_toys.cnn_bundle(), _toys.images(1), _toys.targets(1), ["gradcam", "_attn"])
     finally:
         del REGISTRY["_attn"]
+
+
+def test_metric_options_the_input_or_the_model_refute_are_refused_at_check():
+    """AOPC's patches must tile the input (224 by default, or a dataset's preprocess size); the
+    sanity check cannot randomise more blocks than the model has (ResNet50: 18)."""
+    with pytest.raises(ConfigError) as info:
+        load_config({**GOOD, "metrics": {"aopc": {"patch_size": 15}, "sanity": {"blocks": 19}}})
+    msg = str(info.value)
+    assert "metrics.aopc.patch_size: 15 does not divide the input size 224×224" in msg
+    assert "metrics.sanity.blocks (models[0]): 19, but resnet50 has only 18 blocks" in msg
+    ok = load_config({**GOOD, "metrics": {"aopc": {"patch_size": 16}, "sanity": {"blocks": 18}}})
+    assert ok.metrics["aopc"] == {"patch_size": 16}
+    resized = {**GOOD, "datasets": [{**GOOD["datasets"][0], "preprocess": {"resize": 160}}],
+               "models": [GOOD["models"][0]], "metrics": {"aopc": {}}}
+    with pytest.raises(ConfigError, match=r"metrics.aopc.patch_size: 14 does not divide the input size 160×160"):
+        load_config(resized)

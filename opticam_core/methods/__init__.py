@@ -35,13 +35,15 @@ def method_options(key: str) -> dict[str, object]:
     return method_spec(key).defaults()
 
 
-def _check_inputs(bundle: ModelBundle, images, targets) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_inputs(bundle: ModelBundle, images, targets, unbounded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images must be a B×3×H×W tensor, got {shape}")
     if not images.is_floating_point():
         raise ValueError(f"images must be float in [0,1], got {images.dtype} (divide uint8 images by 255)")
-    if images.numel() and (not torch.isfinite(images).all() or images.min() < -1e-6 or images.max() > 1 + 1e-6):
+    if images.numel() and not torch.isfinite(images).all():
+        raise ValueError("images must be finite")
+    if not unbounded and images.numel() and (images.min() < -1e-6 or images.max() > 1 + 1e-6):
         raise ValueError("images must be finite and in [0,1] pixel space; the bundle normalises inside the model")
     targets = torch.as_tensor(targets, device=images.device).long().reshape(-1)
     if targets.numel() != images.shape[0]:
@@ -72,18 +74,21 @@ def _per_method_options(method: str | Sequence[str], options: dict) -> dict[str,
     return validated
 
 
-def explain(bundle: ModelBundle, images: torch.Tensor, targets, method: str | Sequence[str], **options):
+def explain(bundle: ModelBundle, images: torch.Tensor, targets, method: str | Sequence[str], *,
+            unbounded: bool = False, **options):
     """Saliency maps of `method` (a key, or a list of keys) for `images` and class `targets`.
 
     One key: options are that method's, and one `Explanation` comes back. A list: options are
     given per method (`opticam={"iterations": 50}`), the methods share their passes, and a dict
     key → Explanation comes back in the order asked. Options are validated against each method's
     typed schema first (`OptionsError` names every bad one). Maps land on the images' device.
+    unbounded: accept pixels outside [0,1] (Max-Sensitivity's noisy copies, which Quantus does
+    not clip); otherwise such images are refused as a likely normalisation mistake.
     """
     per_method = _per_method_options(method, options)
     for key in per_method:
         REGISTRY[key].check_serves(bundle)
-    images, targets = _check_inputs(bundle, images, targets)
+    images, targets = _check_inputs(bundle, images, targets, unbounded)
     home = images.device
     ctx = Context(bundle, images.to(bundle.device), targets.to(bundle.device))
     # Gradient methods first: their pass also yields the features and logits the others reuse.

@@ -24,6 +24,7 @@ from typing import Annotated
 import annotated_types as at
 import torch
 
+from ..cost import Cost
 from ..maps import finish
 from ..models import ModelError
 from ..options import Bool, Float, Int, NonNegativeInt, PositiveFloat
@@ -116,7 +117,7 @@ def _class_row_head_mean(probs: torch.Tensor) -> torch.Tensor:
     return lrp.head_mean(probs[:, :, :1])[:, 0]
 
 
-@register("rawatt", name="RawAtt", family="attention", rank=72, requires=ATTENTION_BLOCKS)
+@register("rawatt", name="RawAtt", family="attention", rank=72, requires=ATTENTION_BLOCKS, cost=Cost(forwards=1))
 def rawatt(ctx: Context, *, block: Int = -1):
     """RawAtt: A = the attention probabilities of block `block` (default the last), mean over
     heads; the class token's row without the prefix tokens. Class-agnostic.
@@ -131,7 +132,7 @@ def rawatt(ctx: Context, *, block: Int = -1):
     return _maps(ctx, net, seen[0])
 
 
-@register("rollout", name="Rollout", family="attention", rank=74, requires=ATTENTION_BLOCKS)
+@register("rollout", name="Rollout", family="attention", rank=74, requires=ATTENTION_BLOCKS, cost=Cost(forwards=1))
 def rollout(ctx: Context, *, start_layer: NonNegativeInt = 0, renormalize: Bool = True):
     """Rollout (Abnar & Zuidema, as Chefer's `generate_rollout`): per block Â = mean_heads(A) + I,
     rows renormalised to sum 1, joint = Â_L ⋯ Â_start; the class token's row. Class-agnostic.
@@ -147,7 +148,13 @@ def rollout(ctx: Context, *, start_layer: NonNegativeInt = 0, renormalize: Bool 
     return _maps(ctx, net, lrp.rollout_row(seen, renormalize=renormalize))
 
 
-@register("tibav", name="TIBAV", paper_name="TIBAV", family="attention", rank=76, requires=ATTENTION_BLOCKS)
+#: One forward, one backward (down to block start_layer: at most a whole one), and the LRP pass,
+#: about three forwards' worth of matrix products (the docstring), counted as forwards.
+TIBAV_COST = Cost(forwards=1 + 3, backwards=1, note="LRP pass ≈ 3 forwards, counted as forwards")
+
+
+@register("tibav", name="TIBAV", paper_name="TIBAV", family="attention", rank=76, requires=ATTENTION_BLOCKS,
+          cost=TIBAV_COST)
 def tibav(ctx: Context, *, start_layer: NonNegativeInt = 0, alpha: Alpha = 1.0,
           eps: PositiveFloat = lrp.EPS, renormalize: Bool = False):
     """TIBAV (Chefer et al.'s `transformer_attribution`): per block Ā = mean_heads(clamp≥0(∂y_c/∂A ⊙ R_A)),

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ..choices import check_choice
+from ..cost import Cost
 from ..fields import PerImage
 from ..maps import constant_maps
 from ..options import (
@@ -429,8 +430,13 @@ def _maps_and_extras(mask: torch.Tensor, full: torch.Tensor, history: torch.Tens
     return maps.clamp(0, 1), extras
 
 
+def _cost(options):
+    k = len(options.areas) * (2 if options.variant == "dual" else 1)  # dual: x⊙m and x⊙(1−m)
+    return Cost(forwards=k * options.iterations, backwards=k * options.iterations)
+
+
 @register("extremal", name="Extremal perturbation", paper_name="ExPert", family="optimisation", rank=70,
-          extras=EXTRAS)
+          extras=EXTRAS, cost=_cost)
 def extremal(
     ctx: Context,
     *,

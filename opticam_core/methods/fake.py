@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from ..cost import FREE
 from ..maps import fake_cam
 from .base import Context
 from .registry import register
 
 
-@register("fakecam", name="Fake-CAM", family="reference", rank=0)
+@register("fakecam", name="Fake-CAM", family="reference", rank=0, cost=FREE)
 def fakecam(ctx: Context):
     """All ones except the top-left pixel: o ≈ p, so AD ≈ 0 by construction, not by insight."""
     B = ctx.images.shape[0]

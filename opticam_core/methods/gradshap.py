@@ -29,6 +29,7 @@ from typing import Literal
 
 import torch
 
+from ..cost import Cost
 from ..maps import finish
 from ..options import NonNegativeFloat, NonNegativeInt, PositiveInt
 from .base import Context
@@ -116,7 +117,8 @@ def reduce(attr: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
 
 
-@register("gradshap", name="GradientSHAP", paper_name="GradSHAP", family="attribution", rank=95)
+@register("gradshap", name="GradientSHAP", paper_name="GradSHAP", family="attribution", rank=95,
+          cost=lambda o: Cost(forwards=o.n_samples, backwards=o.n_samples))
 def gradshap(ctx: Context, *, n_samples: PositiveInt = 5, stdevs: NonNegativeFloat = 0.0,
              baselines: Literal["black", "mean", "uniform"] = "black", n_baselines: PositiveInt = 10,
              reduction: Literal["abs_of_sum", "sum_of_abs", "positive", "sum"] = "abs_of_sum",

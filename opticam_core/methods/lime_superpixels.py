@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from pydantic import AfterValidator
 
+from ..cost import Cost
 from ..fields import PerImage
 from ..maps import constant_maps, normalize
 from ..options import (
@@ -226,7 +227,8 @@ def _scores(logits: torch.Tensor, targets: torch.Tensor, output: str) -> torch.T
     return out.gather(1, targets[:, None])[:, 0].double()
 
 
-@register("lime", name="LIME", family="surrogate", rank=90, extras=EXTRAS)
+@register("lime", name="LIME", family="surrogate", rank=90, extras=EXTRAS,
+          cost=lambda o: Cost(forwards=o.num_samples - 1, shared={"forward"}))
 def lime(ctx: Context, *, num_samples: PositiveInt = 1000, kernel_width: PositiveFloat = 0.25,
          distance: Literal[DISTANCES] = "cosine", hide_color: Colour | None = None,
          output: Literal["probability", "logit"] = "probability", ridge_alpha: PositiveFloat = 1.0,

@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 import annotated_types as at
 import torch
 
+from ..cost import Cost
 from ..fields import PerImage
 from ..maps import NORMALIZATIONS, constant_maps, normalize, upsample
 from ..options import Bool, Float, NonNegativeInt, PositiveFloat, PositiveInt
@@ -152,7 +153,15 @@ class _Active:
                 setattr(self, f.name, value[rows])
 
 
-@register("opticam", name="Opti-CAM", family="optimisation", rank=100, extras=EXTRAS)
+def _cost(options):
+    # The in-out objectives score x⊙s and x⊙(1−s) in one forward of twice the batch; the last
+    # evaluation (u_T for `best`, the returned map for `last`) is one more forward.
+    k = 2 if options.objective in ("iomask", "iodiff") else 1
+    return Cost(forwards=k * (options.iterations + 1), backwards=k * options.iterations, shared={"forward"},
+                note="early_stop: at most this" if options.early_stop else "")
+
+
+@register("opticam", name="Opti-CAM", family="optimisation", rank=100, extras=EXTRAS, cost=_cost)
 def opticam(
     ctx: Context,
     *,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..cost import Cost, channels
 from ..hooks import replace_output
 from ..maps import constant_maps, normalize, upsample
 from ..options import Bool, PositiveInt
@@ -28,7 +29,24 @@ def _pick(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, targets[:, None])[:, 0]
 
 
-@register("scorecam", name="Score-CAM", family="perturbation", rank=30)
+def _scorecam_cost(options, info):
+    K, note = channels(info)
+    return Cost(forwards=K, shared={"forward"},
+                note="; ".join(n for n in (note, "+1 black forward per batch with a constant channel; "
+                                                 "constant channels skipped") if n))
+
+
+def _ablationcam_cost(options, info):
+    K, note = channels(info)
+    tail = info.tail if options.use_tail and info is not None else None
+    if tail is None:
+        note = "; ".join(n for n in (note, "full forwards (no tail, or unknown: upper bound)") if n)
+    else:
+        note = "; ".join(n for n in (note, f"tail passes, each {tail:.2%} of a forward") if n)
+    return Cost(forwards=K * (1.0 if tail is None else tail), shared={"forward"}, note=note)
+
+
+@register("scorecam", name="Score-CAM", family="perturbation", rank=30, cost=_scorecam_cost)
 def scorecam(ctx: Context, *, batch_size: PositiveInt | None = None, align_corners: Bool = False):
     """Score-CAM: u_k = f(x ⊙ n(up(A_k)))_c, w = softmax_k(u), S = relu(Σ_k w_k A_k).
 
@@ -53,7 +71,7 @@ def scorecam(ctx: Context, *, batch_size: PositiveInt | None = None, align_corne
     return _done(ctx, _weighted(torch.softmax(scores, dim=1), feats))
 
 
-@register("ablationcam", name="Ablation-CAM", family="perturbation", rank=40)
+@register("ablationcam", name="Ablation-CAM", family="perturbation", rank=40, cost=_ablationcam_cost)
 def ablationcam(ctx: Context, *, batch_size: PositiveInt | None = None, use_tail: Bool = True):
     """Ablation-CAM: w_k = (y_c − y_c^(k)) / y_c with channel k of the layer output zeroed.
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
+from ..cost import declared
 from ..fields import PerImage
 from ..options import Configurable, options_model
 
@@ -60,6 +61,15 @@ class MethodSpec(Configurable):
     options: type[BaseModel]         # the typed schema of the keyword-only options
     extras: tuple[PerImage, ...]     # per-image extras, `constant` first
     requires: Requirement | None = None
+    cost: Callable | None = None     # (options, ModelInfo | None) → cost.Cost; see `cost_of`
+
+    def cost_of(self, options=None, info=None):
+        """Model evaluations per image (`opticam_core.cost.Cost`) with these options (dict or
+        validated) on a model described by `info` (`cost.ModelInfo`, None: unknown)."""
+        if self.cost is None:
+            raise ValueError(f"method {self.key!r} declares no cost; add cost= to its register()")
+        opts = options if isinstance(options, BaseModel) else self.validate(options)
+        return self.cost(opts, info)
 
     def serves(self, bundle) -> bool:
         return self.requires is None or bool(self.requires.serves(bundle))
@@ -85,8 +95,10 @@ REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register(key: str, *, name: str, family: str, rank: int, paper_name: str | None = None,
-             extras: tuple[PerImage, ...] = (), requires: Requirement | None = None):
-    """Declare `fn(ctx, *, options…) -> (maps B×H×W, extras)` as method `key`."""
+             extras: tuple[PerImage, ...] = (), requires: Requirement | None = None, cost=None):
+    """Declare `fn(ctx, *, options…) -> (maps B×H×W, extras)` as method `key`.
+    cost: its model evaluations per image (`opticam_core.cost`): a Cost, or a callable of the
+    validated options, or of (options, ModelInfo | None) where the count depends on the network."""
     if family not in FAMILIES:
         raise ValueError(f"{key}: unknown family {family!r}; valid: {', '.join(FAMILIES)}")
 
@@ -95,7 +107,7 @@ def register(key: str, *, name: str, family: str, rank: int, paper_name: str | N
             raise ValueError(f"method {key!r} is registered twice")
         spec = MethodSpec(key=key, name=name, family=family, paper_name=paper_name or name, rank=rank, fn=fn,
                           options=options_model(fn, name=f"{key}_options"), extras=(CONSTANT, *extras),
-                          requires=requires)
+                          requires=requires, cost=declared(cost))
         if len(spec.extra_names) != len(spec.extras):
             raise ValueError(f"{key}: an extra is declared twice")
         REGISTRY[key] = spec

@@ -21,6 +21,10 @@ result rows, a dict of lists, numpy arrays or tensors) with the names of FIELDS,
 - SP: rows with has_box; `pointing="pointing"` (tolerance 0, default) or "pointing_tol".
 - EP: rows with has_box and a finite energy.
 - SM: rows with a finite sm (no ×100).
+- AOPC: the mean of the per-image aopc ×100 over rows where it is finite.
+- MS: the mean of the per-image max_sensitivity over rows where it is finite (no ×100; an all-zero
+  map gives ∞ or NaN, left out). ADCC, Coherency, Complexity: the means of adcc, adcc_coherency,
+  adcc_complexity ×100 over rows where each is finite.
 - Box study (X@box_and_map, X@map_minus_box, X@box, X@not_box for X in AD, AG, AI): the
   classification rules with o replaced by the study's o_* column (NaN for images without boxes,
   so those are left out).
@@ -231,6 +235,10 @@ def aggregate(values: Mapping[str, Sequence], *, om_rule: str = "ilsvrc", iou_th
     out["SP"] = _mean(t, t.col(pointing), boxed) if t.has(pointing) else t.missing()
     out["EP"] = _mean(t, t.col("energy"), boxed) if t.has("energy") else t.missing()
     out["SM"] = _mean(t, t.col("sm"), t.ok, scale=1.0) if t.has("sm") else t.missing()
+    out["AOPC"] = _mean(t, t.col("aopc"), t.ok) if t.has("aopc") else t.missing()
+    out["MS"] = _mean(t, t.col("max_sensitivity"), t.ok, scale=1.0) if t.has("max_sensitivity") else t.missing()
+    for key, col in (("ADCC", "adcc"), ("Coherency", "adcc_coherency"), ("Complexity", "adcc_complexity")):
+        out[key] = _mean(t, t.col(col), t.ok) if t.has(col) else t.missing()
 
     for suffix, col in STUDY.items():
         for key, agg in _classification(t, col, undefined).items():

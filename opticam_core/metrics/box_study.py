@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..boxes import box_counts, check_boxes, union_mask
+from ..cost import Cost
 from ..fields import PerImage
 from ..options import PositiveInt
 from ._forward import chunked_log_probs, resolve_batch_size
@@ -54,6 +55,7 @@ _DOCS = {"box_and_map": "S·M (B∩S)", "map_minus_box": "S·(1−M) (S∖B)", "
 
 @register_group(
     "box_study", needs_boxes=True, options_from=box_study, skip=("method_free",),
+    cost=Cost(forwards=2, once=2),  # S·M, S·(1−M) per method; S := M, 1−M once for all (`method_free`)
     fields=tuple(PerImage(col, "float64", f"o for {_DOCS[region]}") for region, col in REGIONS.items()),
     metrics=tuple(Metric(f"{m}@{region}", f"{name}, {_DOCS[region]}", higher_is_better=up)
                   for region in REGIONS

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import AfterValidator
 
+from ..cost import Cost, pixels
 from ..fields import PerImage
 from ..options import PositiveFloat, PositiveInt
 from ._forward import chunked_log_probs, class_log_probs, resolve_batch_size
@@ -153,8 +154,15 @@ def insertion_deletion(bundle, images: torch.Tensor, maps: torch.Tensor, *, clas
     return ins_auc.to(home), del_auc.to(home), curves
 
 
+def _cost(options, info):
+    total, note = pixels(info)
+    n = len(step_counts(total, options.steps, options.pixels_per_step)) - 1
+    # 2n − 1 step images (both curves' ends are the clean image and the black one).
+    return Cost(forwards=2 * n - 1, note="; ".join(x for x in (note, "+1 black forward per batch") if x))
+
+
 @register_group(
-    "insertion_deletion", options_from=insertion_deletion, skip=("classes", "clean_logits"),
+    "insertion_deletion", options_from=insertion_deletion, skip=("classes", "clean_logits"), cost=_cost,
     fields=(PerImage("insertion", "float64", "insertion AUC in [0,1], trapezoid over the fraction of pixels"),
             PerImage("deletion", "float64", "deletion AUC in [0,1]"),
             PerImage("insertion_curve", "list<float32>", "probability of pred after each insertion step (steps+1 points)"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..choices import check_choice
+from ..cost import Cost
 from ..fields import PerImage
 from ._forward import class_log_probs
 from .registry import Metric, MetricBatch, register_group
@@ -129,7 +130,7 @@ def average_gain(p, o, *, undefined: str = "exclude") -> float:
 # The group: o per image; AD, AG, AI from p and o in `aggregate`
 
 
-@register_group("classification",
+@register_group("classification", cost=Cost(forwards=1),  # x ⊙ S; the clean forward is shared
                 fields=(PerImage("o", "float64", "softmax probability of c on x ⊙ S"),),
                 metrics=(Metric("AD", "average drop", higher_is_better=False),
                          Metric("AG", "average gain", higher_is_better=True),

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..boxes import best_iou, box_area, check_boxes, near_boxes
+from ..cost import Cost
 from ..fields import PerImage
 from ..options import ListOf, NonNegativeFloat, PositiveInt, Probability
 from ._forward import chunked_log_probs, resolve_batch_size
@@ -160,6 +161,7 @@ def localization(maps: torch.Tensor, boxes, *, targets=None, bundle=None, images
 
 @register_group(
     "localization", needs_boxes=True, options_from=localization, skip=("targets", "bundle", "images"),
+    cost=Cost(forwards=1, note="SM's crop"),
     fields=(PerImage("has_box", "bool", "the image has at least one ground-truth box of its class"),
             PerImage("loc_iou", "float64", "best IoU of the largest-component box at the mean threshold with a GT box"),
             PerImage("pointing", "bool", "a maximum of S inside the union of GT boxes (tolerance 0; ties: any maximum)"),

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from pydantic import BaseModel
 
+from ..cost import declared
 from ..fields import PerImage
 from ..options import Configurable, OptionsError, options_model
 
@@ -53,6 +54,14 @@ class MetricBatch:
     boxes: torch.Tensor | None  # B×N×4 NaN-padded, when a group needs boxes
     logits: torch.Tensor       # clean logits, B×classes
     method_free: bool = True   # box study: also the rows that do not depend on the map
+    rerun: Any = None          # the method that made `maps`, for the groups that call it (`Rerun`)
+    map_targets: torch.Tensor | None = None  # the class each map was made for, when not `targets`
+
+    @property
+    def made_for(self) -> torch.Tensor:
+        """The class the maps were made for (a re-run makes its maps for it too); the metrics'
+        own class stays `targets` (the ground truth), as in the paper's Table A.9."""
+        return self.targets if self.map_targets is None else self.map_targets
 
     @property
     def pred(self) -> torch.Tensor:
@@ -67,6 +76,16 @@ class MetricGroup(Configurable):
     fields: tuple[PerImage, ...]
     metrics: tuple[Metric, ...]
     needs_boxes: bool
+    calls_method: bool = False  # re-runs the method (on noisy copies, masked images, other models)
+    cost: Callable | None = None  # (options, ModelInfo | None) → cost.Cost; see `cost_of`
+
+    def cost_of(self, options=None, info=None):
+        """Model evaluations per image and method (`opticam_core.cost.Cost`; `reruns`: times
+        the method runs again) with these options on a model described by `info`."""
+        if self.cost is None:
+            raise ValueError(f"metric group {self.key!r} declares no cost; add cost= to its register_group()")
+        opts = options if isinstance(options, BaseModel) else self.validate(options)
+        return self.cost(opts, info)
 
     @property
     def where(self) -> str:
@@ -82,15 +101,20 @@ def _no_options():
 
 
 def register_group(key: str, *, fields: tuple[PerImage, ...], metrics: tuple[Metric, ...],
-                   options_from: Callable = _no_options, skip: tuple[str, ...] = (), needs_boxes: bool = False):
+                   options_from: Callable = _no_options, skip: tuple[str, ...] = (), needs_boxes: bool = False,
+                   calls_method: bool = False, cost=None):
     """Declare `fn(batch, **options)` as metric group `key`; its options are `options_from`'s
-    keyword-only parameters minus `skip` (those the group fills in from the batch)."""
+    keyword-only parameters minus `skip` (those the group fills in from the batch).
+    calls_method: the group runs the method again through `batch.rerun` (compute's `method=`).
+    cost: its model evaluations per image (`opticam_core.cost`): a Cost, or a callable of the
+    validated options, or of (options, ModelInfo | None); `Cost(reruns=n)` for n method reruns."""
 
     def wrap(fn: Callable) -> Callable:
         if key in GROUPS:
             raise ValueError(f"metric group {key!r} is registered twice")
         model = options_model(options_from, name=f"{key}_options", skip=skip)
-        GROUPS[key] = MetricGroup(key, fn, model, tuple(fields), tuple(metrics), needs_boxes)
+        GROUPS[key] = MetricGroup(key, fn, model, tuple(fields), tuple(metrics), needs_boxes, calls_method,
+                                  declared(cost))
         for m in metrics:
             if m.key in METRICS:
                 raise ValueError(f"metric {m.key!r} is declared by two groups")
@@ -118,6 +142,12 @@ def group_options(which: Sequence[str] | Mapping[str, Mapping | None]) -> dict[s
     return out
 
 
+def default_groups() -> list[str]:
+    """The groups run when none are named: all but those that re-run the method (Max-Sensitivity
+    ×10, ADCC, the sanity check), which multiply a run's cost and are asked for by name."""
+    return [k for k, g in GROUPS.items() if not g.calls_method]
+
+
 def metric(key: str) -> Metric:
     try:
         return METRICS[key]
@@ -129,5 +159,5 @@ def lower_is_better(key: str) -> bool:
     return not metric(key).higher_is_better
 
 
-__all__ = ["BASE_FIELDS", "GROUPS", "METRICS", "Metric", "MetricBatch", "MetricGroup", "group_options",
+__all__ = ["BASE_FIELDS", "GROUPS", "default_groups", "METRICS", "Metric", "MetricBatch", "MetricGroup", "group_options",
            "lower_is_better", "metric", "register_group"]

@@ -76,10 +76,11 @@ class Recipe:
     layer: str | None              # None only for a non-built-in model given no layer
     resize: int
     input_size: tuple[int, int]
+    normalize: bool = True         # False: the network sees [0,1] pixels, no mean/std (paper Table A.14)
 
 
 def recipe(name: str, *, weights: str | None = DEFAULT, checkpoint=None, num_classes: int | None = None,
-           layer: str | None = None) -> Recipe:
+           layer: str | None = None, normalize: bool = True) -> Recipe:
     name = ALIASES.get(name, name)
     cfg = BUILTIN.get(name)
     if checkpoint is not None and weights == DEFAULT:
@@ -89,7 +90,7 @@ def recipe(name: str, *, weights: str | None = DEFAULT, checkpoint=None, num_cla
     return Recipe(name=name, weights=pretrained,
                   checkpoint=None if checkpoint is None or isinstance(checkpoint, Mapping) else str(checkpoint),
                   num_classes=num_classes, layer=layer or (cfg.layer if cfg else None),
-                  resize=geometry.resize, input_size=tuple(geometry.input_size))
+                  resize=geometry.resize, input_size=tuple(geometry.input_size), normalize=bool(normalize))
 
 
 def load_model(
@@ -101,15 +102,18 @@ def load_model(
     layer: str | None = None,
     device=None,
     classes: Sequence[str] | None = None,
+    normalize: bool = True,
 ) -> ModelBundle:
     """Build a frozen, normalised classifier and its saliency target layer.
 
     name: a built-in (`available_models()`), or any torchvision / timm model name (then `layer=`
     is required). weights: DEFAULT (the model's pretrained set), a torchvision weights enum name or
     a timm pretrained tag, or None for random weights. checkpoint: a local path or fsspec URI
-    (`s3://…`) of a state dict, loaded after the head is resized to `num_classes`.
+    (`s3://…`) of a state dict, loaded after the head is resized to `num_classes`. normalize:
+    False feeds the network [0,1] pixels without its mean/std (the paper's Table A.14 study).
     """
-    r = recipe(name, weights=weights, checkpoint=checkpoint, num_classes=num_classes, layer=layer)
+    r = recipe(name, weights=weights, checkpoint=checkpoint, num_classes=num_classes, layer=layer,
+               normalize=normalize)
     name, pretrained, layer = r.name, r.weights, r.layer
     cfg = BUILTIN.get(name)
     if layer is None:
@@ -125,6 +129,8 @@ def load_model(
         load_checkpoint(net, checkpoint, name)
 
     mean, std = (cfg.mean, cfg.std) if cfg else timm_normalisation(net)
+    if not r.normalize:  # an identity `Normalized`: the bundle's shape stays the one methods expect
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     return wrap_model(
         net, layer, name=name, mean=mean, std=std,
         prefix_tokens=cfg.tokens if cfg else "auto",
@@ -132,7 +138,8 @@ def load_model(
         resize=r.resize,
         classes=classes if classes is not None else found_classes,
         device=device,
-        info={"weights": pretrained if checkpoint is None else None, "checkpoint": r.checkpoint},
+        info={"weights": pretrained if checkpoint is None else None, "checkpoint": r.checkpoint,
+              "normalize": r.normalize},
     )
 
 

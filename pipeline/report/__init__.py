@@ -9,9 +9,10 @@ from `opticam_core.metrics.aggregate` applied to per-image rows.
     report = build_report(run, "out/", against="previous")
 
 Modules: runs (find and read runs), aggregates (rows → aggregates with bootstrap intervals),
-tables (Figures 2–4, runtime; Markdown, CSV, LaTeX), figures (PNG), compare (paired run-to-run
-changes, thresholds), html (index.html), paper (the paper's numbers, paper.csv), build (all of
-it into one folder), cli (`opticam report`).
+tables (Figures 2–4, runtime; Markdown, CSV, LaTeX), studies (the paper's Tables 4, 6, A.9, A.12,
+A.13, A.14 and Fig. A4, where the run holds their rows), sanity (Fig. A6), figures (PNG), compare
+(paired run-to-run changes, thresholds), html (index.html), paper (the paper's numbers,
+paper.csv), build (all of it into one folder), cli (`opticam report`).
 """
 
 from .aggregates import Aggregator, aggregate_rows, error_summary, row_counts

@@ -6,6 +6,8 @@ The formulas live in opticam_core; this module only decides *which rows* go into
     dataset, model, method, subset, metric, value, n, excluded, failed, lo, hi
 
 - Failed rows (``error`` set) never reach `aggregate`; they are counted in ``failed``.
+- Only the maps made for the label (``target`` = "label", every row before targets existed)
+  make these cells; maps made for other classes (Table A.9) are aggregated by `studies`.
 - ``subset="all"``: every successful row of the (dataset, model, method).
   ``subset="boxed"``: only images with a ground-truth box; the box study (paper's Figure 4)
   is read from it, so its S, B∩S and S∖B columns describe the same images.
@@ -187,6 +189,25 @@ def one_per_image(ok: pd.DataFrame) -> pd.DataFrame:
         ["dataset", "model", "sample_id"], keep="first")
 
 
+LABEL = "label"
+
+
+def label_only(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows (or counts) of maps made for the label: what every table but Table A.9 reads."""
+    if "target" not in frame.columns:
+        return frame
+    return frame[frame["target"].fillna(LABEL) == LABEL]
+
+
+def unnormalized_models(rows: pd.DataFrame) -> list[str]:
+    """The model keys whose rows ran without input normalisation (``normalized`` false; rows
+    written before the column existed count as normalised)."""
+    if "normalized" not in rows.columns or rows.empty:
+        return []
+    raw = rows["normalized"].astype("boolean").fillna(True) == False  # noqa: E712  (a nullable boolean)
+    return sorted(rows.loc[raw.to_numpy(dtype=bool), "model"].unique())
+
+
 def _boxed(frame: pd.DataFrame) -> pd.Series:
     return frame["has_box"].astype("boolean").fillna(False).astype(bool)
 
@@ -198,6 +219,7 @@ def aggregate_rows(rows: pd.DataFrame, *, resamples: int = 200, seed: int = 0, o
 
     `rows`: result rows (a DataFrame in the RESULTS schema; heavy columns not needed)."""
     agg = agg or Aggregator(aggregate, om_rule=om_rule)
+    rows = label_only(rows)
     failed_mask = rows["error"].notna()
     failed = rows[failed_mask].groupby(list(GROUP)).size().to_dict()
     ok = rows[~failed_mask]
@@ -238,15 +260,18 @@ def aggregate_rows(rows: pd.DataFrame, *, resamples: int = 200, seed: int = 0, o
 
 def row_counts(rows: pd.DataFrame) -> pd.DataFrame:
     """Rows, successes, failures and constant maps (successful rows whose map was constant and
-    became zeros; they count in every aggregate) per (dataset, model, method)."""
+    became zeros; they count in every aggregate) per (dataset, model, method, target): `target`
+    (the class the maps were made for) is "label" for rows written before it existed."""
     err = rows["error"].notna()
     const = (rows["constant"].astype("boolean").fillna(False).astype(bool) & ~err) if "constant" in rows \
         else pd.Series(False, index=rows.index)
-    out = rows.assign(ok=~err, failed=err, constant=const).groupby(list(GROUP), sort=True)[
+    target = rows["target"].fillna(LABEL) if "target" in rows else pd.Series(LABEL, index=rows.index)
+    keys = [*GROUP, "target"]
+    out = rows.assign(ok=~err, failed=err, constant=const, target=target).groupby(keys, sort=True)[
         ["ok", "failed", "constant"]].sum()
     out["rows"] = out["ok"] + out["failed"]
     out = out.reset_index().astype({"ok": "int64", "failed": "int64", "constant": "int64", "rows": "int64"})
-    return out[[*GROUP, "rows", "ok", "failed", "constant"]]
+    return out[[*keys, "rows", "ok", "failed", "constant"]]
 
 
 def error_summary(rows: pd.DataFrame, top: int = 10) -> pd.DataFrame:

@@ -4,13 +4,18 @@ Files under the output folder (see `build_report`):
 
     index.html            the page: summary, tables, comparison, runtime, failures, figures
     report.md             the same in Markdown
-    tables.md, tables.tex Figures 2–4 per dataset × model (LaTeX: one table environment each)
+    tables.md, tables.tex Figures 2–4 per dataset × model (LaTeX: one table environment each), then
+                          the studies the run holds (Tables 4, 6, A.9, A.12, A.13, A.14; `studies`)
     figure2.csv …4.csv    one line per table cell (value, interval, n, failed, paper, gap, best)
-    aggregates.csv        every aggregate of every dataset × model × method × subset
+    studies.csv           the same for the studies' tables (column ``figure``: table4, tableA9, …)
+    selectivity.csv       AD/AG/AI of S^α per method and α (Fig. A4), when the rows have them
+    aggregates.csv        every aggregate of every dataset × model × method × subset (maps for other
+                          classes: subset ``target=top1`` …)
     runtime.csv           seconds per image per method
     row_counts.csv        ok / failed rows per dataset × model × method
     failures.csv          the most frequent error messages
-    figures/*.png         maps grid, AD/AG/AI bars, insertion/deletion curves, Opti-CAM convergence
+    figures/*.png         maps grid, AD/AG/AI bars, insertion/deletion curves, Opti-CAM convergence,
+                          selectivity (Fig. A4), the randomisation sanity check (Fig. A6)
     comparison.md, comparison.csv, moved.csv, newly_failed.csv   with --against
     summary.json          machine-readable: run ids, counts, files, violations
 """
@@ -26,11 +31,19 @@ from typing import Callable
 import pandas as pd
 
 from . import figures as figs
-from .aggregates import Aggregator, aggregate_rows, error_summary, row_counts
+from .aggregates import (
+    LABEL,
+    Aggregator,
+    aggregate_rows,
+    error_summary,
+    label_only,
+    row_counts,
+)
 from .compare import Comparison, compare_rows, comparison_markdown, violations
 from .html import comparison_html, write_index
 from .paper import paper_value
 from .runs import Run, iter_tables, open_run, previous_run, read_table
+from .studies import selectivity_frame, study_tables, target_cells
 from .tables import (
     FIGURES,
     build_tables,
@@ -57,6 +70,7 @@ class Report:
     against: Run | None = None
     comparison: Comparison | None = None
     violations: pd.DataFrame | None = None
+    selectivity: pd.DataFrame | None = None
 
 
 def default_out(run: Run) -> Path:
@@ -96,18 +110,25 @@ def build_report(run: Run | str, out: str | Path | None = None, *, against: Run 
     rows = table.to_pandas()
     agg = Aggregator(aggregate, om_rule=om_rule)
     cells = aggregate_rows(rows, resamples=resamples, seed=seed, agg=agg, log=log)
+    others = target_cells(rows, resamples=resamples, seed=seed, agg=agg)
+    if len(others):
+        cells = pd.concat([cells, others], ignore_index=True)
     counts = row_counts(rows)
     splits = _splits(rows)
     tables = build_tables(cells, counts, splits=splits, force_paper=tuple(paper_datasets), paper=paper)
+    tables += study_tables(rows, cells, counts, splits=splits, force_paper=tuple(paper_datasets), paper=paper,
+                           manifest=run.manifest)
     runtime = runtime_table(rows, paper=paper, splits=splits)
     errors = error_summary(rows)
     report = Report(run, out, rows, cells, counts, tables, runtime, errors)
+    report.selectivity = selectivity_frame(rows, resamples=resamples, seed=seed)
     log(f"report: {len(rows)} rows ({int(rows['error'].notna().sum())} failed), {len(cells)} aggregates, "
         f"{resamples} bootstrap resamples")
 
     _write_tables(report)
     if figures:
-        _write_figures(report, grid_images=grid_images, splits=splits, paper=paper, log=log)
+        _write_figures(report, grid_images=grid_images, splits=splits, paper=paper, log=log, resamples=resamples,
+                       seed=seed)
 
     comp_md = ""
     if against is not None:
@@ -130,7 +151,7 @@ def build_report(run: Run | str, out: str | Path | None = None, *, against: Run 
     _write(report, "report.md", _report_markdown(report, comp_md))
     _write_summary(report)
     downloads = [name for name in ("report.md", "tables.md", "tables.tex", "figure2.csv", "figure3.csv", "figure4.csv",
-                                   "aggregates.csv", "runtime.csv", "row_counts.csv", "failures.csv", "comparison.md",
+                                   "studies.csv", "selectivity.csv", "aggregates.csv", "runtime.csv", "row_counts.csv", "failures.csv", "comparison.md",
                                    "comparison.csv", "moved.csv", "summary.json") if name in report.files]
     report.files["index.html"] = write_index(
         out / "index.html", title=f"Opti-CAM report: {run.run_id}", summary=_summary_pairs(report),
@@ -161,6 +182,11 @@ def _write_tables(report: Report) -> None:
     for spec in FIGURES:
         name = {"fig2": "figure2.csv", "fig3": "figure3.csv", "fig4": "figure4.csv"}[spec.key]
         frame[frame["figure"] == spec.key].to_csv(_path(report, name), index=False)
+    studies = frame[~frame["figure"].isin([spec.key for spec in FIGURES])]
+    if len(studies):
+        studies.to_csv(_path(report, "studies.csv"), index=False)
+    if report.selectivity is not None and len(report.selectivity):
+        report.selectivity.to_csv(_path(report, "selectivity.csv"), index=False)
     report.cells.to_csv(_path(report, "aggregates.csv"), index=False)
     report.runtime.to_csv(_path(report, "runtime.csv"), index=False)
     report.counts.to_csv(_path(report, "row_counts.csv"), index=False)
@@ -192,13 +218,15 @@ def grid_sample_ids(rows: pd.DataFrame, k: int) -> list[str]:
     return chosen
 
 
-def _write_figures(report: Report, *, grid_images: int, splits: dict, paper: bool, log) -> None:
+def _write_figures(report: Report, *, grid_images: int, splits: dict, paper: bool, log, resamples: int = 200,
+                   seed: int = 0) -> None:
     run, rows, cells = report.run, report.rows, report.cells
     parts = _partition_files(run)
     datasets = run.datasets()
     for (dataset, model) in sorted(parts):
         files = parts[(dataset, model)]
-        sel = rows[(rows["dataset"] == dataset) & (rows["model"] == model)]
+        every = rows[(rows["dataset"] == dataset) & (rows["model"] == model)]
+        sel = label_only(every)  # the figures show the maps made for the label (Table A.9 has the others)
         if sel.empty:
             continue
         tag = f"{_slug(dataset)}_{_slug(model)}"
@@ -216,7 +244,7 @@ def _write_figures(report: Report, *, grid_images: int, splits: dict, paper: boo
 
         means = figs.CurveMeans()
         for t in iter_tables(run, ["dataset", "model", "method", "error", "insertion_curve", "deletion_curve"],
-                             files=files, where={"dataset": dataset, "model": model}):
+                             files=files, where={"dataset": dataset, "model": model, "target": LABEL}):
             means.add(t)
         if means.sums:
             scores = {(r.method, r.metric): r.value for r in part_cells.itertuples() if r.metric in ("I", "D")}
@@ -226,7 +254,7 @@ def _write_figures(report: Report, *, grid_images: int, splits: dict, paper: boo
 
         if (sel["method"] == "opticam").any():
             opt = read_table(run, ["method", "error", "iterations", "early_stopped", "objective_history"], files=files,
-                             where={"dataset": dataset, "model": model, "method": "opticam"}).to_pandas()
+                             where={"dataset": dataset, "model": model, "method": "opticam", "target": LABEL}).to_pandas()
             rel = f"figures/convergence_{tag}.png"
             figs.convergence(_path(report, rel), opt, dataset, model)
             report.figures.append((f"Opti-CAM: objective per iteration and iterations used: {dataset} / {model}", rel))
@@ -234,7 +262,7 @@ def _write_figures(report: Report, *, grid_images: int, splits: dict, paper: boo
         ids = grid_sample_ids(sel, grid_images)
         if ids:
             maps = read_table(run, ["sample_id", "method", "error", "map_png"], files=files,
-                              where={"dataset": dataset, "model": model, "sample_id": ids}).to_pandas()
+                              where={"dataset": dataset, "model": model, "sample_id": ids, "target": LABEL}).to_pandas()
             if maps["map_png"].notna().any():
                 images = figs.load_images((datasets.get(dataset) or {}).get("uri"), ids)
                 if not images:
@@ -244,6 +272,25 @@ def _write_figures(report: Report, *, grid_images: int, splits: dict, paper: boo
                 figs.maps_grid(_path(report, rel), maps, images, sample_ids=ids, title=f"{dataset} / {model}",
                                captions={s: f"{s}\n{labels.get(s) or ''}" for s in ids})
                 report.figures.append((f"Saliency maps (Figure 5 layout): {dataset} / {model}", rel))
+
+        sv = report.selectivity
+        if sv is not None and len(sv) and ((sv["dataset"] == dataset) & (sv["model"] == model)).any():
+            rel = f"figures/selectivity_{tag}.png"
+            figs.selectivity_curves(_path(report, rel), sv, dataset, model)
+            report.figures.append((f"Selectivity (Fig. A4): AD/AG/AI of the map raised to α, 95% bootstrap bands: "
+                                   f"{dataset} / {model}", rel))
+
+        sanity = [c for c in every.columns if c.startswith("sanity_") and every[c].notna().any()]
+        if sanity:  # the randomisation sanity check (Fig. A6), wherever its rows are
+            from .sanity import sanity_figure
+
+            rel = f"figures/sanity_{tag}.png"
+            if sanity_figure(every[every[sanity].notna().any(axis=1)], _path(report, rel), resamples=resamples,
+                             seed=seed) is not None:
+                report.figures.append((f"Randomisation sanity check (Fig. A6): similarity to the original map against "
+                                       f"randomised blocks, 95% bootstrap bands: {dataset} / {model}", rel))
+            else:
+                report.files.pop(rel, None)
 
 
 def _summary_pairs(report: Report) -> list[tuple[str, str]]:
@@ -266,8 +313,9 @@ def _report_markdown(report: Report, comp_md: str) -> str:
     lines = [f"# Opti-CAM report: {report.run.run_id}", ""]
     lines += [f"- {k}: {v}" for k, v in _summary_pairs(report)] + [""]
     lines += [table_markdown(t) for t in report.tables]
-    lines += ["### Rows", "", "| dataset | model | method | rows | ok | failed | constant maps |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r.dataset} | {r.model} | {r.method} | {r.rows} | {r.ok} | {r.failed} | {r.constant} |"
+    lines += ["### Rows", "", "| dataset | model | method | map for | rows | ok | failed | constant maps |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.dataset} | {r.model} | {r.method} | {r.target} | {r.rows} | {r.ok} | {r.failed} | {r.constant} |"
               for r in report.counts.itertuples()]
     lines.append("")
     lines.append(runtime_markdown(report.runtime))

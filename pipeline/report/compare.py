@@ -32,6 +32,7 @@ from .aggregates import (
     _is_box_free,
     _seed,
     interval,
+    label_only,
     one_per_image,
     per_image_frame,
     resample_indices,
@@ -83,10 +84,12 @@ def compare_rows(new: pd.DataFrame, old: pd.DataFrame, *, resamples: int = 200, 
     b = pair.merge(b, on=key, how="left")
 
     cells = []
-    for (dataset, model, method), idx in a.groupby(["dataset", "model", "method"], sort=True).groups.items():
+    # aggregates of the maps made for the label, as in the tables (the other classes' rows are
+    # compared row by row: counts, moved samples)
+    for (dataset, model, method), idx in label_only(a).groupby(["dataset", "model", "method"], sort=True).groups.items():
         cells += _paired(agg, per_image_frame(a.loc[idx]), per_image_frame(b.loc[idx]), resamples=resamples,
                          seed=seed, key=dict(dataset=dataset, model=model, method=method), only=_is_box_free)
-    ia, ib = one_per_image(a), one_per_image(b)
+    ia, ib = one_per_image(label_only(a)), one_per_image(label_only(b))
     shared_img = ia[["dataset", "model", "sample_id"]].merge(ib[["dataset", "model", "sample_id"]])
     ia = shared_img.merge(ia, how="left")
     ib = shared_img.merge(ib, how="left")

@@ -309,3 +309,32 @@ def metric_distributions(path: Path, rows: pd.DataFrame, columns: Sequence[str] 
         ax.set_title(col, fontsize=9)
     fig.subplots_adjust(left=0.05, right=0.99, bottom=0.3, top=0.9, wspace=0.3)
     return _save(fig, path)
+
+
+def selectivity_curves(path: Path, frame: pd.DataFrame, dataset: str, model: str, *,
+                       metrics: Sequence[str] = BARS, size=(12.0, 4.0)) -> Path:
+    """The paper's Fig. A4: AD, AG, AI of S^α against α (log scale), one line per method, the
+    band its 95% bootstrap interval. `frame`: `studies.selectivity_frame`."""
+    part = frame[(frame["dataset"] == dataset) & (frame["model"] == model)]
+    fig = Figure(figsize=size, dpi=DPI)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric in zip(axes, metrics):
+        rows = part[part["metric"] == metric]
+        for m in method_order(rows["method"].unique()):
+            r = rows[rows["method"] == m].sort_values("alpha")
+            x, v = r["alpha"].to_numpy(float), r["value"].to_numpy(float)
+            line, = ax.plot(x, v, marker="o", ms=3, lw=1.8 if m == "opticam" else 1.0,
+                            ls="--" if m == "fakecam" else "-", label=method_name(m))
+            lo, hi = r["lo"].to_numpy(float), r["hi"].to_numpy(float)
+            if np.isfinite(lo).any():
+                ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+        ax.set_xscale("log")
+        ax.axvline(1.0, color="gray", lw=0.6, ls=":")
+        arrow = "↓" if metric == "AD" else "↑"
+        ax.set_title(f"{metric}{arrow} of S^α", fontsize=10)
+        ax.set_xlabel("α", fontsize=8)
+        if ax.lines and metric == metrics[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"Selectivity: {dataset} / {model}", fontsize=10)
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.86, wspace=0.22)
+    return _save(fig, path)

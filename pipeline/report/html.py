@@ -13,7 +13,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from .tables import Cell, Table, fmt, method_name
+from .tables import Cell, Table, fmt
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1400px; color: #222; }
@@ -54,14 +54,17 @@ def _cell_html(c: Cell, digits: int) -> str:
 def table_html(t: Table) -> str:
     cols = t.spec.columns
     out = [f'<h3 id="{_e(t.slug)}">{_e(t.spec.title)}: {_e(t.dataset)} / {_e(t.model)}</h3>']
+    if t.caption:
+        out.append(f'<p class="note">{_e(t.caption)}</p>')
     if t.spec.note:
         out.append(f'<p class="note">{_e(t.spec.note)} Bold: best excluding Fake-CAM; grey: 95% bootstrap '
                    f'interval and images behind the cell' + ("; green: the paper's value (red when outside the interval)." if t.has_paper else ".") + "</p>")
     out.append("<table><tr><th>method</th><th>ok</th><th>failed</th>" + "".join(f"<th>{_e(c.label)}</th>" for c in cols) + "</tr>")
     for m in t.rows:
         cells = "".join(_cell_html(t.cell(m, c), c.digits) for c in cols)
-        out.append(f'<tr><td class="m">{_e(method_name(m))}</td><td>{t.ok.get(m, 0)}</td><td>{t.failed.get(m, 0)}</td>{cells}</tr>')
+        out.append(f'<tr><td class="m">{_e(t.label(m))}</td><td>{t.ok.get(m, 0)}</td><td>{t.failed.get(m, 0)}</td>{cells}</tr>')
     out.append("</table>")
+    out += [f'<p class="note">Note: {_e(n)}</p>' for n in t.notes]
     return "\n".join(out)
 
 

@@ -6,6 +6,14 @@ them ("AD", "AD@box_and_map", "AD@box", …), methods as the project's keys, and
 ``box`` (S := B) and ``not_box`` (S := I∖B) of Figure 4. fig2: Tables 1–3; fig3: Tables A.7–A.8;
 fig4: Table 5; ``timing``: Tables 1–2's seconds per image (per batch of 8, /8; GPU unknown).
 
+The studies (`studies.py`): ``table4`` (AOPC, MS, ADCC), ``table6`` and ``tableA12`` (Opti-CAM's
+objective × normalisation, 50 iterations: variant rows are named ``opticam/OBJECTIVE/NORMALIZATION``),
+``tableA9`` (maps for other classes: metric ``AD:TARGET`` with TARGET label, top1, top2, least or
+misclassified), ``tableA13`` (layers: model ``vgg16_bn@features.42``), ``tableA14`` (no input
+normalisation; its T as ``seconds`` per image). Each table's own numbers are kept even where they
+repeat another table's (Table 6's baselines, A.12's Mask/Diff rows), so a contradiction between
+tables shows as two values.
+
 A cell gets its paper value only when the run's dataset is ImageNet validation and its model one
 of the paper's four (by the model's key, aliases accepted): other data or models have no anchor.
 """
@@ -21,7 +29,7 @@ from opticam_core.models import ALIASES
 
 PAPER_MODELS = ("resnet50", "vgg16_bn", "vit_base_patch16_224", "deit_base_patch16_224")
 #: Which figure a table's cell is compared with.
-FIGURES = ("fig2", "fig3", "fig4", "timing")
+FIGURES = ("fig2", "fig3", "fig4", "timing", "table4", "table6", "tableA9", "tableA12", "tableA13", "tableA14")
 
 
 @lru_cache(maxsize=1)
@@ -59,3 +67,31 @@ def paper_value(figure: str, dataset: str, model: str, method: str, metric: str,
     if key is None:
         return None
     return paper_values().get((figure, key, method, metric))
+
+
+#: The suffix `pipeline.config` gives a model run without input normalisation when it has no key.
+UNNORMALIZED_SUFFIX = "-unnormalized"
+
+
+def base_model(model: str) -> str:
+    """A run's model key without what the studies add to it: `{key}@{layer}` (Table A.13's
+    layers) → key; `{name}-unnormalized` (Table A.14) → name."""
+    key = str(model).split("@", 1)[0]
+    return key[: -len(UNNORMALIZED_SUFFIX)] if key.endswith(UNNORMALIZED_SUFFIX) else key
+
+
+def unnormalized_paper_value(figure: str, dataset: str, model: str, method: str, metric: str, **kw) -> float | None:
+    """`paper_value` for a model that ran without input normalisation (its key may carry the suffix)."""
+    return paper_value(figure, dataset, base_model(model), method, metric, **kw)
+
+
+def layer_paper_value(figure: str, dataset: str, model: str, layer: str, method: str, metric: str, *,
+                      split: str | None = None, force_datasets: tuple[str, ...] = ()) -> float | None:
+    """Table A.13's number: paper.csv names the model `{paper model}@{layer}` (torchvision's
+    module path, e.g. ``vgg16_bn@features.42``)."""
+    if dataset not in force_datasets and not is_imagenet_val(dataset, split):
+        return None
+    key = canonical_model(base_model(model))
+    if key is None or not layer:
+        return None
+    return paper_values().get((figure, f"{key}@{layer}", method, metric))

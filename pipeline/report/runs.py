@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.schema import RESULTS, ROW_KEY
+from pipeline.schema import DEFAULTS, RESULTS, ROW_KEY
 
 MANIFEST = "_run.json"
 RUN_PREFIX = "run="
@@ -167,7 +167,12 @@ def _conform(table: pa.Table, columns: Sequence[str]) -> pa.Table:
         typ = RESULTS.field(name).type
         if name in table.column_names:
             col = table.column(name)
-            arrays.append(col if col.type == typ else col.cast(typ))
+            col = col if col.type == typ else col.cast(typ)
+            if name in DEFAULTS and col.null_count:  # a writer that left it null means the same
+                col = col.fill_null(pa.scalar(DEFAULTS[name], typ))
+            arrays.append(col)
+        elif name in DEFAULTS:  # rows written before the column existed: what its absence meant
+            arrays.append(pa.array([DEFAULTS[name]] * table.num_rows, typ))
         else:
             arrays.append(pa.nulls(table.num_rows, typ))
     return pa.table(arrays, schema=pa.schema([RESULTS.field(c) for c in columns]))

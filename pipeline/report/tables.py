@@ -18,7 +18,8 @@ import pandas as pd
 from opticam_core.methods import METHODS, REGISTRY
 from opticam_core.metrics import lower_is_better
 
-from .paper import paper_value
+from .aggregates import label_only, unnormalized_models
+from .paper import paper_value, unnormalized_paper_value
 
 #: The method-free rows of the box study, listed after the methods.
 PSEUDO_NAMES = {"box": "S := B", "not_box": "S := I∖B"}
@@ -28,14 +29,22 @@ NOT_RANKED = tuple(k for k, s in REGISTRY.items() if s.family == "reference") + 
 
 
 def method_name(key: str) -> str:
+    """The display name; a run config's variant `base:variant` reads "Base (variant)"."""
+    base, _, variant = key.partition(":")
+    if variant and base in REGISTRY:
+        return f"{REGISTRY[base].name} ({variant})"
     spec = REGISTRY.get(key)
     return spec.name if spec is not None else PSEUDO_NAMES.get(key, key)
 
 
 def method_order(methods) -> list[str]:
-    """The paper's order (the methods' ranks), then the method-free rows, then anything else."""
+    """The paper's order (the methods' ranks), each method's variants right after it, then the
+    method-free rows, then anything else."""
     present = set(methods)
-    known = [m for m in (*METHODS, *PSEUDO_NAMES) if m in present]
+    known = []
+    for m in (*METHODS, *PSEUDO_NAMES):
+        known += [m] if m in present else []
+        known += sorted(k for k in present if k.partition(":")[2] and k.partition(":")[0] == m)
     return known + sorted(present - set(known))
 
 
@@ -47,10 +56,11 @@ class Column:
     digits: int = 1
     group: str | None = None      # Figure 4's upper header (AD↓ / AG↑ / AI↑)
     pseudo: dict = field(default_factory=dict)   # method-free row → its metric for this column
+    lower: bool | None = None     # the direction, where `metric` is not a registered metric's key
 
     @property
     def lower_better(self) -> bool:
-        return lower_is_better(self.metric)
+        return lower_is_better(self.metric) if self.lower is None else self.lower
 
 
 def _arrow(metric: str) -> tuple[str, str]:
@@ -120,6 +130,10 @@ class Table:
     cells: dict[tuple[str, str], Cell]            # (method, column metric) → cell
     ok: dict[str, int]                            # method → successful rows
     failed: dict[str, int]                        # method → failed rows
+    labels: dict[str, str] = field(default_factory=dict)   # row → its name, where not the method's
+    caption: str = ""                             # the setting (studies: subset, iterations, …)
+    notes: list[str] = field(default_factory=list)          # under the table (the paper's contradictions)
+    part: str = ""                                # tells apart tables of one figure, dataset and model
 
     @property
     def has_paper(self) -> bool:
@@ -127,7 +141,10 @@ class Table:
 
     @property
     def slug(self) -> str:
-        return f"{self.spec.key}_{_slug(self.dataset)}_{_slug(self.model)}"
+        return f"{self.spec.key}_{_slug(self.dataset)}_{_slug(self.model)}" + (f"_{_slug(self.part)}" if self.part else "")
+
+    def label(self, row: str) -> str:
+        return self.labels.get(row) or method_name(row)
 
     def cell(self, method: str, column: Column) -> Cell:
         return self.cells.get((method, column.metric), Cell())
@@ -150,6 +167,7 @@ def build_tables(cells: pd.DataFrame, counts: pd.DataFrame, *, specs=FIGURES, sp
     `counts`: `aggregates.row_counts` (ok/failed per dataset, model, method). `splits`: dataset →
     split (from the rows) for deciding whether the paper's values apply."""
     splits = splits or {}
+    counts = label_only(counts)  # the maps for other classes have their own table (studies, Table A.9)
     index = {(r.dataset, r.model, r.method, r.subset, r.metric): r for r in cells.itertuples(index=False)}
     ok = {(r.dataset, r.model, r.method): int(r.ok) for r in counts.itertuples(index=False)}
     failed = {(r.dataset, r.model, r.method): int(r.failed) for r in counts.itertuples(index=False)}
@@ -220,19 +238,26 @@ def _md_cell(c: Cell, digits: int) -> str:
 def table_markdown(t: Table) -> str:
     header = ["method", "ok", "failed"] + [c.label for c in t.spec.columns]
     lines = [f"### {t.spec.title}: {t.dataset} / {t.model}", ""]
+    if t.caption:
+        lines += [t.caption, ""]
     if t.spec.note:
         lines += [t.spec.note + " Cells: value [95% bootstrap interval] n=images" +
                   (" (paper's value)." if t.has_paper else "."), ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in t.rows:
-        row = [method_name(m).replace("|", "\\|"), str(t.ok.get(m, 0)), str(t.failed.get(m, 0))]
+        row = [t.label(m).replace("|", "\\|"), str(t.ok.get(m, 0)), str(t.failed.get(m, 0))]
         row += [_md_cell(t.cell(m, c), c.digits) for c in t.spec.columns]
         lines.append("| " + " | ".join(row) + " |")
+    if t.notes:
+        lines += [""] + [f"Note: {n}" for n in t.notes]
     return "\n".join(lines) + "\n"
 
 
 def runtime_table(rows: pd.DataFrame, *, paper: bool = True, splits: dict | None = None) -> pd.DataFrame:
-    """Seconds per image per (dataset, model, method) over successful rows."""
+    """Seconds per image per (dataset, model, method) over successful rows (maps for the label:
+    the other classes' maps cost the same). The paper's time: Tables 1–2, or Table A.14's for a
+    model run without input normalisation."""
+    rows = label_only(rows)
     ok = rows[rows["error"].isna() & rows["seconds"].notna()]
     cols = ["dataset", "model", "method", "images", "mean_s", "median_s", "p90_s", "total_s", "paper_s"]
     if ok.empty:
@@ -240,8 +265,10 @@ def runtime_table(rows: pd.DataFrame, *, paper: bool = True, splits: dict | None
     g = ok.groupby(["dataset", "model", "method"], sort=True)["seconds"]
     out = pd.DataFrame({"images": g.size(), "mean_s": g.mean(), "median_s": g.median(),
                         "p90_s": g.quantile(0.9), "total_s": g.sum()}).reset_index()
-    out["paper_s"] = [paper_value("timing", d, mo, me, "seconds", split=(splits or {}).get(d)) if paper else None
-                      for d, mo, me in zip(out["dataset"], out["model"], out["method"])]
+    raw = set(unnormalized_models(rows))
+    out["paper_s"] = [(unnormalized_paper_value("tableA14", d, mo, me, "seconds", split=(splits or {}).get(d))
+                       if mo in raw else paper_value("timing", d, mo, me, "seconds", split=(splits or {}).get(d)))
+                      if paper else None for d, mo, me in zip(out["dataset"], out["model"], out["method"])]
     order = {m: i for i, m in enumerate(method_order(out["method"]))}
     return out.sort_values(["dataset", "model", "method"], key=lambda s: s.map(order) if s.name == "method" else s
                            ).reset_index(drop=True)[cols]
@@ -312,8 +339,10 @@ def table_latex(t: Table) -> str:
     cols = t.spec.columns
     lines = ["\\begin{table}[t]", "\\centering", "\\small",
              f"\\caption{{{latex_escape(t.spec.title)}, {latex_escape(t.dataset)}, {latex_escape(t.model)}. "
-             "Bold: best, excluding Fake-CAM. Small: 95\\% bootstrap interval"
-             + ("; italic: the paper's value" if t.has_paper else "") + "; superscript: images, where fewer than the row's.}",
+             + (latex_escape(t.caption) + " " if t.caption else "")
+             + "Bold: best, excluding Fake-CAM. Small: 95\\% bootstrap interval"
+             + ("; italic: the paper's value" if t.has_paper else "") + "; superscript: images, where fewer than the row's."
+             + "".join(" " + latex_escape(n) for n in t.notes) + "}",
              f"\\label{{tab:{t.slug.replace('_', '-')}}}",
              "\\begin{tabular}{l" + "rr" + "r" * len(cols) + "}", "\\hline"]
     if any(c.group for c in cols):
@@ -329,7 +358,7 @@ def table_latex(t: Table) -> str:
         lines.append("Method & $n$ & failed & " + " & ".join(c.latex for c in cols) + " \\\\")
     lines.append("\\hline")
     for m in t.rows:
-        name = LATEX_METHOD_NAMES.get(m) or latex_escape(method_name(m))
+        name = LATEX_METHOD_NAMES.get(m) or latex_escape(t.label(m))
         row_n = t.ok.get(m, 0)
         cells = [_latex_cell(t.cell(m, c), c.digits, row_n) for c in cols]
         lines.append(f"{name} & {row_n} & {t.failed.get(m, 0)} & " + " & ".join(cells) + " \\\\")
