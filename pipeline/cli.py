@@ -1,4 +1,4 @@
-"""`opticam demo | ingest | run | report`: each command lives in its own module, which provides
+"""`opticam demo | ingest | run | report | finetune`: each command lives in its own module, which provides
 `add_arguments(parser)` and `main(args) -> int`; only the command asked for is imported (so
 `opticam report` never imports Ray)."""
 
@@ -13,6 +13,7 @@ COMMANDS = {
     "ingest": ("pipeline.datasets.cli", "turn a raw dataset into Parquet samples (local or s3://)"),
     "run": ("pipeline.job", "evaluate methods and metrics on samples with Ray, per a YAML config"),
     "report": ("pipeline.report.cli", "the paper's tables and figures from a run's results"),
+    "finetune": ("pipeline.finetune.cli", "fine-tune a classifier on ingested samples with Ray Train (the medical models)"),
 }
 
 

@@ -321,7 +321,9 @@ def test_kvasir(tmp_path):
         rel = f"{cls}/{k:02d}a1b2c3-{cls[:3]}.jpg"
         data[rel] = put(str(tmp_path / "kvasir-dataset-v2" / rel), encode(20 + k, 16, seed=k))
     out = str(tmp_path / "out")
-    report = ingest(IngestOptions("kvasir", str(tmp_path), out), log=lambda m: None)
+    # --split all: every image under one split (the default is the paper's stratified split,
+    # tests/test_finetune.py)
+    report = ingest(IngestOptions("kvasir", str(tmp_path), out, split="all"), log=lambda m: None)
     rows = read_rows(out)
     assert set(rows) == set(data)
     for rel, payload in data.items():

@@ -60,6 +60,15 @@ def load_checkpoint(net: nn.Module, checkpoint, name: str) -> None:
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in own if k in state and state[k].shape != own[k].shape]
+    heads = [(k, state[k].shape[0], own[k].shape[0]) for k in own
+             if k in state and re.search(r"(^|\.)(fc|classifier|head)(\.|$)", k) and k.endswith("weight")
+             and state[k].dim() == own[k].dim() and state[k].shape[1:] == own[k].shape[1:]
+             and state[k].shape[0] != own[k].shape[0]]
+    if heads:  # the usual mistake: the run config's num_classes is not the one the model was trained with
+        k, theirs, ours = heads[-1]
+        raise ModelError(f"checkpoint does not fit {name!r}: its classifier has {theirs} classes ({k} "
+                         f"{tuple(state[k].shape)}), the model built here has {ours} ({tuple(own[k].shape)}); "
+                         f"pass num_classes={theirs} (in a run config, the model's num_classes: {theirs})")
     if missing or unexpected or mismatched:
         lines = [f"checkpoint does not fit {name!r}:"]
         if mismatched:

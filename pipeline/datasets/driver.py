@@ -57,6 +57,10 @@ class IngestOptions:
     ray_threshold: int = DEFAULT_RAY_THRESHOLD
     overwrite: bool = False
     check: str = "decode"
+    #: a seeded, class-stratified split {name: count or fraction} (kvasir: the paper's 6000/1000/1000
+    #: unless --split names one split for every image; folder: only when given)
+    split_sizes: dict[str, float] | None = None
+    split_seed: int = 0
 
 
 def default_name(kind: str, src: str) -> str:
@@ -81,6 +85,38 @@ def list_samples(opts: IngestOptions) -> Listing:
     if opts.kind == "folder":
         return folder.list_folder(opts.src, split=opts.split or "all", classes_file=opts.classes, boxes_csv=opts.boxes)
     raise IngestError(f"unknown dataset kind {opts.kind!r}; choose from {list(KINDS)}")
+
+
+def _split(listing: Listing, opts: IngestOptions) -> dict[str, int] | None:
+    """Apply the seeded stratified split (in place); the counts per split, None without one."""
+    from pipeline.datasets.folder import KVASIR_SPLIT, split_counts, stratified_split
+
+    sizes = opts.split_sizes
+    if opts.kind == "kvasir" and opts.split == "all":
+        if sizes is not None:
+            raise IngestError("--split all records every image under one split; drop --split-sizes")
+        return None
+    keep = opts.split
+    if keep and (sizes is not None or opts.kind == "kvasir") and keep not in KVASIR_SPLIT:
+        raise IngestError(f"--split {keep!r}: with a seeded split, --split keeps one of {list(KVASIR_SPLIT)}"
+                          + (" (or `all`: no split, every image under `all`)" if opts.kind == "kvasir" else ""))
+    if sizes is None and opts.kind == "kvasir":
+        n = len(listing.candidates)
+        sizes = dict(KVASIR_SPLIT)
+        if n != sum(sizes.values()):  # not the full Kvasir v2 (a subset, --limit): the same proportions
+            listing.warnings.append(f"{n} images, not Kvasir v2's {sum(sizes.values())}: split 6:1:1 "
+                                    "(pass --split-sizes to choose)")
+            total = sum(sizes.values())
+            sizes = {k: v / total for k, v in sizes.items()}
+    if sizes is None:
+        return None
+    counts = split_counts(sizes, len(listing.candidates))
+    listing.candidates, left = stratified_split(listing.candidates, counts, opts.split_seed)
+    if left:
+        listing.warnings.append(f"{left} images are in none of the splits {counts} and were left out")
+    if keep:  # one part only (e.g. the evaluation's test samples); the same seed gives the same part
+        listing.candidates = [c for c in listing.candidates if c.split == keep]
+    return counts
 
 
 def prepare_output(output: str, overwrite: bool, delete: bool = True) -> None:
@@ -200,6 +236,8 @@ def ingest(opts: IngestOptions, log: Callable[[str], None] = _log) -> dict:
         raise IngestError(f"--check must be one of {list(CHECKS)}")
     if opts.limit is not None and opts.limit < 0:
         raise IngestError("--limit must be >= 0")
+    if opts.split_sizes is not None and opts.kind not in ("kvasir", "folder"):
+        raise IngestError(f"--split-sizes applies to kvasir and folder; {opts.kind} has its own splits")
     shard_size = opts.shard_size or DEFAULT_SHARD_ROW_GROUPS * opts.row_group
     if shard_size < 1:
         raise IngestError("--shard-size must be at least 1")
@@ -211,6 +249,7 @@ def ingest(opts: IngestOptions, log: Callable[[str], None] = _log) -> dict:
     prepare_output(opts.output, opts.overwrite, delete=False)
     log(f"ingest: listing {opts.kind} in {opts.src}")
     listing = apply_limit(list_samples(opts), opts.limit)
+    split_counts = _split(listing, opts)
     n = len(listing.candidates)
     log(f"ingest: {n} images to read ({len(listing.skipped)} skipped, {len(listing.ignored)} other files ignored), "
         f"{len(listing.classes)} classes")
@@ -247,6 +286,8 @@ def ingest(opts: IngestOptions, log: Callable[[str], None] = _log) -> dict:
         "limit": opts.limit,
         "classes": listing.classes,
         "class_keys": listing.class_keys,
+        "split_sizes": split_counts,
+        "split_seed": opts.split_seed if split_counts else None,
         "counts": {"listed": n, "written": sum(r.rows for r in results), "bad": len(bad),
                    "skipped": len(listing.skipped), "ignored": len(listing.ignored),
                    "failed_shards": len(failures)},

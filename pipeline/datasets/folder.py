@@ -116,3 +116,67 @@ def list_kvasir(src: str, *, split: str = "all", classes_file: str | None = None
     if not classes_file and listing.classes != KVASIR_CLASSES:
         listing.warnings.append(f"Kvasir v2 has 8 classes {KVASIR_CLASSES}; found {len(listing.classes)}: {listing.classes}")
     return listing
+
+
+#: The paper's Kvasir split (App. E): 6,000 / 1,000 / 1,000 of the 8,000 images.
+KVASIR_SPLIT = {"train": 6000, "val": 1000, "test": 1000}
+
+
+def split_counts(sizes: dict[str, float], n: int, *, option: str = "--split-sizes") -> dict[str, int]:
+    """Sizes as image counts (integers, at most `n` in all) or as fractions of `n` (numbers
+    below 1, at most 1 in all) → counts."""
+    values = list(sizes.values())
+    if any(v < 0 for v in values):
+        raise IngestError(f"{option}: sizes must be >= 0, got {values}")
+    if all(float(v).is_integer() and v >= 1 or v == 0 for v in values):
+        counts = {k: int(v) for k, v in sizes.items()}
+        if sum(counts.values()) > n:
+            raise IngestError(f"{option}: {'+'.join(map(str, counts.values()))} = {sum(counts.values())} images "
+                              f"asked for, only {n} listed")
+        return counts
+    if sum(values) > 1 + 1e-9:
+        raise IngestError(f"{option}: fractions must add up to at most 1, got {values}")
+    counts = {k: int(math.floor(v * n + 1e-9)) for k, v in sizes.items()}
+    return counts
+
+
+def stratified_split(candidates: list[Candidate], counts: dict[str, int], seed: int) -> tuple[list[Candidate], int]:
+    """Assign `counts[name]` candidates to each split, every class in proportion to its size
+    (largest remainders, so each split's total is exact), the members drawn by `seed` from the
+    candidates in sample_id order (so the listing order of the store never matters). Returns the
+    candidates with their split set, in sample_id order, and how many were left out (when the
+    counts add up to fewer than the candidates)."""
+    import random
+    from dataclasses import replace
+
+    by_class: dict[int, list[Candidate]] = defaultdict(list)
+    for c in sorted(candidates, key=lambda c: c.sample_id):
+        by_class[c.label].append(c)
+    total = sum(len(v) for v in by_class.values())
+    room = {k: len(v) for k, v in by_class.items()}
+    take: dict[str, dict[int, int]] = {}
+    for name, size in counts.items():
+        quota = {k: size * len(v) / total if total else 0 for k, v in by_class.items()}
+        got = {k: min(room[k], int(math.floor(q))) for k, q in quota.items()}
+        # the images still owed go to the classes with the largest remainders, where room is left
+        for k in sorted(quota, key=lambda k: (-(quota[k] - math.floor(quota[k])), k)):
+            if sum(got.values()) >= size:
+                break
+            if got[k] < room[k]:
+                got[k] += 1
+        for k in sorted(room, key=lambda k: -room[k]):  # rounding left a class short: fill from the fullest
+            while sum(got.values()) < size and got[k] < room[k]:
+                got[k] += 1
+        for k in got:
+            room[k] -= got[k]
+        take[name] = got
+    out = []
+    for k, members in by_class.items():
+        order = list(members)
+        random.Random(f"{seed}:{k}").shuffle(order)
+        at = 0
+        for name in counts:
+            out += [replace(c, split=name) for c in order[at:at + take[name][k]]]
+            at += take[name][k]
+    out.sort(key=lambda c: c.sample_id)
+    return out, total - len(out)

@@ -40,6 +40,7 @@ from .aggregates import (
     row_counts,
 )
 from .compare import Comparison, compare_rows, comparison_markdown, violations
+from .finetuned import finetuned_captions
 from .html import comparison_html, write_index
 from .paper import paper_value
 from .runs import Run, iter_tables, open_run, previous_run, read_table
@@ -118,6 +119,10 @@ def build_report(run: Run | str, out: str | Path | None = None, *, against: Run 
     tables = build_tables(cells, counts, splits=splits, force_paper=tuple(paper_datasets), paper=paper)
     tables += study_tables(rows, cells, counts, splits=splits, force_paper=tuple(paper_datasets), paper=paper,
                            manifest=run.manifest)
+    accuracy = finetuned_captions(run.manifest or {})  # fine-tuned medical models: test accuracy vs the paper's
+    for t in tables:
+        if t.model in accuracy:
+            t.caption = f"{t.caption} {accuracy[t.model]}".strip()
     runtime = runtime_table(rows, paper=paper, splits=splits)
     errors = error_summary(rows)
     report = Report(run, out, rows, cells, counts, tables, runtime, errors)
