@@ -22,6 +22,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     model_validator,
 )
@@ -38,6 +39,7 @@ from opticam_core.options import (
     PositiveInt,
     problems,
 )
+from opticam_core.precision import PRECISIONS
 
 from .preprocess import PreprocessSpec
 from .storage import has_credentials, redact
@@ -159,6 +161,18 @@ class ComputeSpec(_Spec):
     gpus_per_actor: NonNegativeFloat = 0
     cpus_per_actor: NonNegativeFloat = 1
     resources: dict[str, NonNegativeFloat] = Field(default_factory=dict)  # custom Ray resources per actor
+    #: The decode stage before the actors (`pipeline.decode`): CPUs per decode task (one batch
+    #: each), and at most how many tasks run at once (None: as many as the free CPUs and Ray
+    #: Data's backpressure allow).
+    decode_cpus: NonNegativeFloat = 1
+    decode_tasks: PositiveInt | None = None
+    #: How the network runs (`opticam_core.precision`): fp32 (the default, the measured choice:
+    #: README "Precision"), tf32 (CUDA only; fp32 on a CPU), bf16 (the network under bfloat16
+    #: autocast, maps and optimiser state in fp32). Recorded in the run's fingerprint.
+    precision: Literal[PRECISIONS] = "fp32"
+    #: The network's forward through torch.compile (same results up to float rounding; not in the
+    #: fingerprint). Off by default: on the CPU it did not pay (README "Compiled passes").
+    compile: StrictBool = False
 
 
 class RunConfig(_Spec):

@@ -57,6 +57,10 @@ def fingerprints(config: RunConfig) -> dict[str, dict[str, Any]]:
     methods = config.resolved_methods()
     metrics = config.resolved_metrics()
     shared = {"opticam_core": opticam_core.__version__, "metrics": sorted(metrics)}
+    if config.compute.precision != "fp32":  # the network's precision moves the values (README
+        # "Precision"); recorded only when not the default, so runs made before it stay valid.
+        # compile is not recorded: it changes float rounding only, like another batch size.
+        shared["compute.precision"] = config.compute.precision
     for group, options in metrics.items():
         shared.update({f"metrics.{group}.{k}": v for k, v in options.items()})
     out = {}

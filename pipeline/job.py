@@ -1,8 +1,9 @@
 """`opticam run CONFIG.yaml`: the evaluation as a Ray Data plan, resumable, streamed to Parquet.
 
 Per (dataset, model): read the samples (local or s3://) → keep the samples that still miss rows
-→ `map_batches(Evaluator)` on a pool of actors that each hold the frozen model (GPUs when the
-cluster has them) → `write_parquet` to OUT/run=ID/dataset=D/model=M/, streamed.
+→ decode and preprocess them in CPU tasks (`pipeline.decode`) → `map_batches(Evaluator)` on a
+pool of actors that each hold the frozen model (GPUs when the cluster has them) →
+`write_parquet` to OUT/run=ID/dataset=D/model=M/, streamed.
 
 Resume: every row carries (dataset, sample_id, model, method, target). Before a plan runs, the
 rows already written under its directory are read (only those columns), and only the missing
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import posixpath
 import sys
@@ -236,6 +238,8 @@ def evaluate_plan(config: RunConfig, dataset: DatasetSpec, model: ModelSpec, sam
     import ray
     from ray.data import ActorPoolStrategy
 
+    from .decode import decode_batch
+    from .decode import geometry as decode_geometry
     from .evaluate import Evaluator
 
     c = config.compute
@@ -250,16 +254,27 @@ def evaluate_plan(config: RunConfig, dataset: DatasetSpec, model: ModelSpec, sam
     # whose rows come out only at its end. Blocks of one batch each spread the work over the
     # actors and stream the rows to storage batch by batch.
     ds = ds.repartition(target_num_rows_per_block=c.batch_size)
+    # Decoding and preprocessing in CPU tasks of their own (`pipeline.decode`), one batch per
+    # task: the streaming executor runs them while the actors compute, so an actor's next batch
+    # is decoded before it asks, and a GPU never idles behind JPEG decoding. The blocks then
+    # carry the network's input, not the encoded image. Task count: by default as many as the
+    # free CPUs allow, throttled by Ray Data's backpressure on the actors' input queue, so
+    # decoding runs ahead of the GPUs by a bounded number of batches.
+    model_kwargs = {"name": model.name, "key": model.key, **model.load_kwargs()}
+    preprocess = dataset.preprocess.model_dump() if dataset.preprocess else None
+    ds = ds.map_batches(decode_batch, fn_kwargs=decode_geometry(model_kwargs, preprocess), batch_size=None,
+                        batch_format="pyarrow", num_cpus=c.decode_cpus, concurrency=c.decode_tasks)
     gpus = c.gpus_per_actor if _cluster_gpus() > 0 else 0
     ds = ds.map_batches(
         Evaluator,
         fn_constructor_kwargs=dict(
             run_id=config.run_id, dataset=dataset.name,
-            model={"name": model.name, "key": model.key, **model.load_kwargs()},
+            model=model_kwargs,
             methods=config.methods_for(model), metrics=config.metrics, save_maps=config.save_maps,
             targets=list(config.targets),
-            preprocess=dataset.preprocess.model_dump() if dataset.preprocess else None,
+            preprocess=preprocess,
             threads=max(1, int(c.cpus_per_actor)) if not gpus else None,
+            precision=c.precision, compile=c.compile,
         ),
         batch_size=c.batch_size, batch_format="pyarrow",
         # On the actor's own thread: Ray Data's default moves a sync UDF onto a helper thread,
@@ -315,7 +330,9 @@ def local_cpus(cores: int | None = None) -> int:
     return max(4, 2 * (cores or os.cpu_count() or 1))
 
 
-def ensure_ray(address: str | None = None) -> None:
+def ensure_ray(address: str | None = None, *, min_cpus: int = 0) -> None:
+    """Connect to `address` (or RAY_ADDRESS), else start a local Ray with `local_cpus()`
+    logical CPUs, at least `min_cpus` (what the caller's workers reserve)."""
     import ray
 
     if ray.is_initialized():
@@ -324,7 +341,7 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=local_cpus())
+        ray.init(num_cpus=max(local_cpus(), min_cpus))
 
 
 def read_manifest(config: RunConfig) -> dict:
@@ -353,13 +370,19 @@ def _write_manifest(config: RunConfig, samples: dict[str, str] | None = None, **
     storage.write_text(uri, storage.redact(json.dumps(manifest, indent=2, default=str)))
 
 
-def describe_cost(config: RunConfig) -> str:
+def describe_cost(config: RunConfig, throughput=None) -> str:
     """Per plan, the model evaluations per image its methods and metrics imply (`opticam_core.cost`),
-    × the images where the dataset entry fixes their number (`subset`, `limit`). No weights are
-    loaded: each model's architecture is read on the meta device. An estimate that fails says so
-    and fails nothing: the config itself is valid."""
+    × the images where the dataset entry fixes their number (`subset`, `limit`), and the GPU-hours
+    they come to at `throughput` (a `pipeline.throughput.Throughput`, measured; else the stated
+    FLOP assumption), in total and against issue 14's nightly goal. No weights are loaded: each
+    model's architecture is read on the meta device. An estimate that fails says so and fails
+    nothing: the config itself is valid."""
     from opticam_core.cost import model_info, per_image
 
+    from . import throughput as tp
+
+    precision = getattr(config.compute, "precision", None) or "fp32"
+    total, unknown = 0.0, []
     out = []
     for dataset, model, methods in config.plans():
         try:
@@ -374,6 +397,25 @@ def describe_cost(config: RunConfig) -> str:
         out.append(f"[{dataset.name} × {model.key}] model evaluations per image"
                    + (f" ({'; '.join(a for a in about if a)})" if any(about) else "") + ":")
         out.append(table.format(min(sizes) if sizes else None, gflops=info.gflops, targets=len(config.targets)))
+        seconds, source = tp.seconds_per_equivalent(throughput, model.name, precision, info.gflops)
+        per = table.equivalents * len(config.targets) * seconds if seconds is not None else math.nan
+        if not sizes or math.isnan(per):
+            unknown.append(model.key)
+            out.append(f"  GPU time: {per * 1e3:,.1f} ms per image at {precision} ({source}); "
+                       + ("not estimated" if sizes else "the number of images is not fixed (no subset or limit)"))
+            continue
+        hours = per * min(sizes) / 3600
+        total += hours
+        out.append(f"  GPU time: {hours:,.2f} GPU-hours ({per * 1e3:,.1f} ms per image) at {precision}; "
+                   f"{source}; a floor: see pipeline/throughput.py")
+    plans = len(config.plans())
+    if plans > len(unknown):
+        c = config.compute
+        gpus = c.actors * c.gpus_per_actor
+        out.append(f"GPU time in total: {total:,.2f} GPU-hours" + (f" over {plans - len(unknown)} of {plans} plans "
+                                                                  f"(not {', '.join(unknown)})" if unknown else "")
+                   + (f" = {total / gpus:,.2f} h on this config's {gpus:g} GPUs" if gpus else "") + "; "
+                   + tp.goal_line(total))
     return "\n".join(out)
 
 
@@ -447,6 +489,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="results root, local or s3:// (overrides the config's)")
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    parser.add_argument("--throughput", metavar="FILE",
+                        help="with --check: the measured per-model throughput table (`python -m benchmarks.gpu` "
+                             "writes it) for the GPU-hours estimate; default: benchmarks/throughput.json under the "
+                             "current directory if present, else an assumed H100 throughput (said so)")
     parser.add_argument("--retry-failed", action="store_true",
                         help="with an existing run id: compute the failed rows again (they are replaced)")
     parser.add_argument("--replace", action="append", default=[], metavar="METHOD",
@@ -485,7 +531,14 @@ def main(args: argparse.Namespace) -> int:
                   f"(dataset, model, method) combinations" + (f", each for {len(config.targets)} targets "
                                                               f"({', '.join(config.targets)})"
                                                               if len(config.targets) > 1 else ""))
-            print(describe_cost(config))
+            from .throughput import ThroughputError, find
+
+            try:
+                table = find(getattr(args, "throughput", None))
+            except ThroughputError as err:
+                print(err, file=sys.stderr)
+                return 2
+            print(describe_cost(config, table))
             return 0
         check_configuration(config, replace)
         summary = run(config, address=args.address, retry_failed=args.retry_failed, replace=replace)

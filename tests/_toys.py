@@ -106,6 +106,19 @@ def tiny_vit(*, num_classes: int = NUM_CLASSES, seed: int = 0, dtype: torch.dtyp
     return net.to(dtype).eval()
 
 
+class Counting(nn.Module):
+    """`net`, counting its forwards (`calls`) and the batch size of each (`sizes`)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.calls, self.sizes = net, 0, []
+
+    def forward(self, x):
+        self.calls += 1
+        self.sizes.append(x.shape[0])
+        return self.net(x)
+
+
 def bundle_for(net: nn.Module, layer: str, *, name: str = "toy", tail="auto",
                prefix_tokens="auto") -> ModelBundle:
     """A `ModelBundle` for a toy network taking TOY_SIZE images (normalisation TOY_MEAN/TOY_STD inside)."""

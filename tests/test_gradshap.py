@@ -236,16 +236,6 @@ def test_draws():
 # Bad options: refused at validation, before the network runs
 
 
-class Counting(nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.calls = net, 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.net(x)
-
-
 @pytest.mark.parametrize("options, expected", [
     ({"stdevs": -0.1}, "gradshap.stdevs: Input should be greater than or equal to 0, got -0.1 (allowed: number ≥ 0)"),
     ({"n_samples": 0}, "gradshap.n_samples: Input should be greater than or equal to 1, got 0"),
@@ -257,7 +247,7 @@ class Counting(nn.Module):
 ])
 def test_bad_options_fail_at_validation(options, expected):
     bundle = _toys.cnn_bundle()
-    counting = Counting(bundle.model)
+    counting = _toys.Counting(bundle.model)
     bundle.model = counting
     with pytest.raises(OptionsError) as info:
         explain(bundle, _toys.images(2), _toys.targets(2), "gradshap", **options)

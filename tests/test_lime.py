@@ -293,16 +293,6 @@ def test_signed_weights_and_a_flat_response(coffee):
     assert (res.maps == 0).all() and res.extras["constant"].all()
 
 
-class Counting(nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.calls = net, 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.net(x)
-
-
 @pytest.mark.parametrize("options, expected", [
     ({"num_samples": 0}, "lime.num_samples: Input should be greater than or equal to 1, got 0"),
     ({"kernel_width": -0.25}, "lime.kernel_width: Input should be greater than 0, got -0.25"),
@@ -314,7 +304,7 @@ class Counting(nn.Module):
     ({"batch_size": 0}, "lime.batch_size: Input should be greater than or equal to 1, got 0"),
 ])
 def test_bad_options_fail_at_validation_before_any_forward(options, expected):
-    counting = Counting(_toys.tiny_cnn())
+    counting = _toys.Counting(_toys.tiny_cnn())
     bundle = _toys.bundle_for(counting, "net.features.10", tail=None, prefix_tokens=None)
     with pytest.raises(OptionsError) as info:
         explain(bundle, _toys.images(1), [0], "lime", **options)

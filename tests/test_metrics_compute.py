@@ -77,24 +77,12 @@ def test_clean_logits_are_shared_and_groups_selected(batch):
         M.compute(bundle, images, targets, maps, None, which=("speed",))
 
 
-class _CountingModel(torch.nn.Module):
-    """The bundle's network, recording the batch size of every forward."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.inner, self.sizes = model, []
-
-    def forward(self, x):
-        self.sizes.append(x.shape[0])
-        return self.inner(x)
-
-
 def test_each_group_gets_its_own_options(batch):
     """batch_size under localization must not reach insertion/deletion (it did when the groups'
     options were merged into one dict): insertion/deletion's 2·8−1 = 15 step images per image
     go through in chunks of its own batch_size, SM's crops one at a time."""
     bundle, images, targets, maps, boxes = batch
-    counting = _CountingModel(bundle.model)
+    counting = _toys.Counting(bundle.model)
     probe = dataclasses.replace(bundle, model=counting)
     M.compute(probe, images[:2], targets[:2], maps[:2], boxes[:2], clean_logits=bundle.model(images[:2]).detach(),
               which={"insertion_deletion": {"steps": 8, "batch_size": 30}, "localization": {"batch_size": 1}})

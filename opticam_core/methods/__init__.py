@@ -13,6 +13,8 @@ from pydantic import BaseModel
 
 from ..models import ModelBundle
 from ..options import OptionsError
+from ..precision import DEFAULT as DEFAULT_PRECISION
+from ..precision import precision as run_in
 from . import (  # noqa: F401  (each module registers its methods)
     attention,
     extremal,
@@ -75,7 +77,7 @@ def _per_method_options(method: str | Sequence[str], options: dict) -> dict[str,
 
 
 def explain(bundle: ModelBundle, images: torch.Tensor, targets, method: str | Sequence[str], *,
-            unbounded: bool = False, **options):
+            unbounded: bool = False, precision: str = DEFAULT_PRECISION, compile: bool = False, **options):
     """Saliency maps of `method` (a key, or a list of keys) for `images` and class `targets`.
 
     One key: options are that method's, and one `Explanation` comes back. A list: options are
@@ -84,6 +86,9 @@ def explain(bundle: ModelBundle, images: torch.Tensor, targets, method: str | Se
     typed schema first (`OptionsError` names every bad one). Maps land on the images' device.
     unbounded: accept pixels outside [0,1] (Max-Sensitivity's noisy copies, which Quantus does
     not clip); otherwise such images are refused as a likely normalisation mistake.
+    precision: `fp32` (default), `tf32` (CUDA only; fp32 on a CPU) or `bf16` (the network under
+    bfloat16 autocast; maps and optimiser state stay float32); compile: the network's forward
+    through torch.compile. Both: `opticam_core.precision`.
     """
     per_method = _per_method_options(method, options)
     for key in per_method:
@@ -93,7 +98,8 @@ def explain(bundle: ModelBundle, images: torch.Tensor, targets, method: str | Se
     ctx = Context(bundle, images.to(bundle.device), targets.to(bundle.device))
     # Gradient methods first: their pass also yields the features and logits the others reuse.
     order = sorted(per_method, key=lambda k: REGISTRY[k].family != "gradient")
-    results = {k: run_method(k, ctx, per_method[k]).to(home) for k in order}
+    with run_in(precision, bundle.model, compile=compile):
+        results = {k: run_method(k, ctx, per_method[k]).to(home) for k in order}
     return results[method] if isinstance(method, str) else {k: results[k] for k in per_method}
 
 

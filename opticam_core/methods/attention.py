@@ -180,7 +180,7 @@ def tibav(ctx: Context, *, start_layer: NonNegativeInt = 0, alpha: Alpha = 1.0,
     wanted = range(first, len(attns))
     grads = torch.autograd.grad(score, [rec.blocks[i].attn for i in wanted])
     for i in wanted:
-        rec.blocks[i].attn = rec.blocks[i].attn.detach()
+        rec.blocks[i].attn = lrp.full_precision(rec.blocks[i].attn.detach())
     del logits, score
     rel = lrp.relevance(net, rec, ctx.targets, alpha=alpha, eps=eps)
     with torch.no_grad():

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from pydantic import BaseModel
 
+from ..chunking import chunk_size
 from ..hooks import capture
 from ..models import ModelBundle
 from ..options import as_json, as_kwargs
@@ -84,7 +85,8 @@ class Context:
     def _forward_features(self):
         with torch.no_grad(), capture(self.bundle.target) as cap:
             logits = self.model(self.images)
-        return logits, self.bundle.features(cap.output), cap.output
+        raw = self._own_dtype(cap.output)
+        return logits, self.bundle.features(raw), raw
 
     def _pass(self):
         """The richest pass computed so far (the backward also yields features and logits)."""
@@ -108,17 +110,31 @@ class Context:
             logits = self.model(self.images)
             score = logits.gather(1, self.targets[:, None]).sum()
             (grad,) = torch.autograd.grad(score, cap.output)
-        raw = cap.output.detach()
-        return self.bundle.features(raw), self.bundle.features(grad), logits.detach(), raw
+        raw = self._own_dtype(cap.output.detach())
+        return self.bundle.features(raw), self.bundle.features(self._own_dtype(grad)), logits.detach(), raw
+
+    def _own_dtype(self, t: torch.Tensor) -> torch.Tensor:
+        # Under bf16 autocast (`opticam_core.precision`) captured activations are bfloat16; the
+        # maps are made in the images' dtype. A no-op (the same tensor) otherwise.
+        return t.to(self.images.dtype) if t.is_floating_point() and t.dtype != self.images.dtype else t
 
     def gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
         feats, grads, _, _ = self._get("gradients", self._backward)
         return feats, grads
 
-    def chunk(self, default_cpu: int, default_gpu: int, requested: int | None) -> int:
-        if requested is not None:
-            return int(requested)
-        return default_gpu if self.device.type == "cuda" else default_cpu
+    def chunk(self, default_cpu: int, default_gpu: int, requested: int | None, *, total: int | None = None,
+              copies: float = 2.0, grad: bool = False, fn=None, example: torch.Tensor | None = None,
+              what: str = "forward") -> int:
+        """Items per chunk of a loop over perturbed copies of the images (`opticam_core.chunking`):
+        `requested` as given; `default_cpu` on the CPU; on a CUDA device, what fits in its free
+        memory at the model's measured memory per image (`grad`: with a backward to the input)
+        plus `copies` image-sized tensors the loop makes per item; `default_gpu` on other
+        accelerators. fn, example: a pass other than the model's on other items (Ablation-CAM's
+        tail on features). total: the loop's items (no chunk exceeds it)."""
+        example = self.images if example is None else example
+        extra = int(copies * example[0].numel() * example.element_size())
+        return chunk_size(self.model, example, cpu=default_cpu, fallback=default_gpu, requested=requested,
+                          grad=grad, extra_bytes=extra, fn=fn, what=what, limit=total)
 
 
 def run_method(key: str, ctx: Context, options: BaseModel) -> Explanation:

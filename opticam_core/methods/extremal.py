@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ..choices import check_choice
+from ..chunking import by_memory, with_halving
 from ..cost import Cost
 from ..fields import PerImage
 from ..maps import constant_maps
@@ -148,7 +149,8 @@ def perturb(pyramid: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 #: CPU a block that stays in the core's cache runs faster than one pass over the whole tensor:
 #: at 224×224, 2**19 is 1 row × 4 phases, 5.7 ms per mask forward and backward on 2 threads
 #: (9.2 on one), vs 6.6 at 2**18, 9.5 at 2**21, 22 at 2**23. On a GPU large blocks keep the
-#: kernels few while bounding memory.
+#: kernels few while bounding memory: a CUDA device sizes them from its free memory
+#: (`SmoothMasks.budget`); GPU_CHUNK_ELEMENTS serves accelerators that cannot report theirs.
 CPU_CHUNK_ELEMENTS = 2**19
 GPU_CHUNK_ELEMENTS = 2**27
 
@@ -185,12 +187,17 @@ class _PhasePool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, weight, coldness, budget):
-        out = q.new_empty(q.shape[0], weight.shape[0], q.shape[2])
-        denom = torch.empty_like(out)
-        for rows, phases, y, shift in _PhasePool._exponents(q, weight, coldness, budget):
-            e = y.exp2()
-            denom[rows, phases] = e.sum(dim=2)
-            out[rows, phases] = (y.mul_(e).sum(dim=2) / denom[rows, phases] + shift) / (coldness * _LOG2E)
+        def pool(budget: int):
+            out = q.new_empty(q.shape[0], weight.shape[0], q.shape[2])
+            denom = torch.empty_like(out)
+            for rows, phases, y, shift in _PhasePool._exponents(q, weight, coldness, budget):
+                e = y.exp2()
+                denom[rows, phases] = e.sum(dim=2)
+                out[rows, phases] = (y.mul_(e).sum(dim=2) / denom[rows, phases] + shift) / (coldness * _LOG2E)
+            return out, denom
+
+        # out of memory: smaller blocks, the same values (each block's result is independent)
+        (out, denom), budget = with_halving(pool, budget, what="extremal's mask pooling")
         ctx.save_for_backward(q, weight, out, denom)
         ctx.coldness, ctx.budget = coldness, budget
         return out
@@ -199,13 +206,18 @@ class _PhasePool(torch.autograd.Function):
     def backward(ctx, grad):
         q, weight, out, denom = ctx.saved_tensors
         c = ctx.coldness
-        dq = torch.zeros_like(q)
-        for rows, phases, y, shift in _PhasePool._exponents(q, weight, c, ctx.budget):
-            e = y.exp2()
-            g = grad[rows, phases] / denom[rows, phases]                          # n×s×M
-            offset = (1 + math.log(2) * shift - c * out[rows, phases]) * g
-            dx = torch.addcmul(offset.unsqueeze(2), y, (math.log(2) * g).unsqueeze(2)).mul_(e)
-            dq[rows] += dx.mul_(weight[phases].unsqueeze(2)).sum(dim=1)
+
+        def pool_grad(budget: int):
+            dq = torch.zeros_like(q)
+            for rows, phases, y, shift in _PhasePool._exponents(q, weight, c, budget):
+                e = y.exp2()
+                g = grad[rows, phases] / denom[rows, phases]                          # n×s×M
+                offset = (1 + math.log(2) * shift - c * out[rows, phases]) * g
+                dx = torch.addcmul(offset.unsqueeze(2), y, (math.log(2) * g).unsqueeze(2)).mul_(e)
+                dq[rows] += dx.mul_(weight[phases].unsqueeze(2)).sum(dim=1)
+            return dq
+
+        dq, _ = with_halving(pool_grad, ctx.budget, what="extremal's mask pooling (backward)")
         return dq, None, None, None
 
     @staticmethod
@@ -293,12 +305,24 @@ class SmoothMasks:
     def __call__(self, params: torch.Tensor, *, budget: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         q = F.unfold(params, (self.side, self.side), padding=(self.padding, self.padding))
         if budget is None:
-            budget = CPU_CHUNK_ELEMENTS if params.device.type == "cpu" else GPU_CHUNK_ELEMENTS
+            budget = self.budget(q)
         pooled = _PhasePool.apply(q, self.phase_weight, self.coldness, int(budget))    # N×S×M
         # Phase (a, b) of cell (i, j) is pixel (step·i + a, step·j + b).
         n, s = len(params), self.step
         full = pooled.reshape(n, s, s, *self.mid).permute(0, 3, 1, 4, 2).reshape(n, 1, *self.up)
         return self._crop(full[..., :self.full[0], :self.full[1]])
+
+    def budget(self, q: torch.Tensor) -> int:
+        """Elements per pooling block for the unfolded parameters q: `CPU_CHUNK_ELEMENTS` on the
+        CPU; on a CUDA device what its free memory holds (a block's forward holds two tensors of
+        its size, its backward three; four leave headroom), at most the whole pooling;
+        `GPU_CHUNK_ELEMENTS` on other accelerators."""
+        if q.device.type == "cpu":
+            return CPU_CHUNK_ELEMENTS
+        if q.device.type != "cuda":
+            return GPU_CHUNK_ELEMENTS
+        total = q.numel() * self.phase_weight.shape[0]
+        return by_memory(q.device, 4 * q.element_size(), limit=max(1, total))
 
     def reference(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """TorchRay's `MaskGenerator.generate`, operation for operation."""

@@ -29,6 +29,7 @@ from typing import Literal
 
 import torch
 
+from ..chunking import run_chunks
 from ..cost import Cost
 from ..maps import finish
 from ..options import NonNegativeFloat, NonNegativeInt, PositiveInt
@@ -90,8 +91,9 @@ def attributions(model, images: torch.Tensor, targets: torch.Tensor, base: torch
     img = torch.arange(B, device=device).repeat_interleave(n)
     smp = torch.arange(n, device=device).repeat(B)
     total = torch.zeros_like(images)
-    for start in range(0, B * n, chunk):
-        i, s = img[start:start + chunk], smp[start:start + chunk]
+
+    def pairs(start: int, stop: int) -> None:
+        i, s = img[start:stop], smp[start:stop]
         x = images[i] if noise is None else images[i] + noise[s]
         b = base[s]
         a = alpha[s].view(-1, 1, 1, 1)
@@ -100,7 +102,10 @@ def attributions(model, images: torch.Tensor, targets: torch.Tensor, base: torch
         with torch.enable_grad():
             score = model(point).gather(1, targets[i][:, None]).sum()
             (grad,) = torch.autograd.grad(score, point)
+        # the last step, and in place: a range retried after an out-of-memory error added nothing
         total.index_add_(0, i, grad * (x - b))
+
+    run_chunks(B * n, chunk, pairs, what="GradientSHAP")
     return total / n
 
 
@@ -140,14 +145,16 @@ def gradshap(ctx: Context, *, n_samples: PositiveInt = 5, stdevs: NonNegativeFlo
     attributions (channels summed, sign "absolute_value"); "sum_of_abs" Σ_c |φ_c|; "positive"
     max(Σ_c φ_c, 0) (Captum's sign "positive"); "sum" Σ_c φ_c (signed: min–max maps the most
     negative pixel to 0). seed: the draws (baselines, α, noise), shared by the batch's images.
-    batch_size: (image, sample) pairs per forward/backward (default 5 on the CPU, 64 on a GPU).
+    batch_size: (image, sample) pairs per forward/backward (default 5 on the CPU; on a GPU what
+    its free memory holds, `opticam_core.chunking`).
     """
     mean = getattr(ctx.model, "mean", None)
     base, alpha, noise = draw(tuple(ctx.images.shape[1:]), n_samples=n_samples, baselines=baselines,
                               n_baselines=n_baselines, stdevs=stdevs, seed=seed,
                               mean=mean.flatten() if isinstance(mean, torch.Tensor) else None,
                               dtype=ctx.images.dtype)
-    attr = attributions(ctx.model, ctx.images, ctx.targets, base, alpha, noise,
-                        chunk=ctx.chunk(CPU_CHUNK, GPU_CHUNK, batch_size))
+    # per pair: the image, baseline, point, its gradient and x − b: five image-sized tensors
+    chunk = ctx.chunk(CPU_CHUNK, GPU_CHUNK, batch_size, total=ctx.images.shape[0] * n_samples, copies=5, grad=True)
+    attr = attributions(ctx.model, ctx.images, ctx.targets, base, alpha, noise, chunk=chunk)
     maps, constant = finish(reduce(attr, reduction), ctx.size)
     return maps, {"constant": constant}

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from pydantic import AfterValidator
 
+from ..chunking import run_chunks
 from ..cost import Cost
 from ..fields import PerImage
 from ..maps import constant_maps, normalize
@@ -252,7 +253,8 @@ def lime(ctx: Context, *, num_samples: PositiveInt = 1000, kernel_width: Positiv
     (lime's default None is unseeded; a run must be reproducible, and an image's samples must
     not depend on its batch). positive_only: the map keeps positive weights (lime_image's
     `get_image_and_mask` default), else signed weights are min–max normalised. batch_size:
-    sampled images per forward (default 8 on the CPU, 128 on a GPU).
+    sampled images per forward (default 8 on the CPU; on a GPU what its free memory
+    holds, `opticam_core.chunking`).
     """
     images, device = ctx.images, ctx.device
     B, _, H, W = images.shape
@@ -274,13 +276,17 @@ def lime(ctx: Context, *, num_samples: PositiveInt = 1000, kernel_width: Positiv
     y = torch.empty(B, num_samples, dtype=torch.float64, device=device)
     y[:, 0] = _scores(ctx.logits(), ctx.targets, output)
     rest = num_samples - 1
-    chunk = ctx.chunk(CPU_CHUNK, GPU_CHUNK, batch_size)
+
+    def sample(start: int, stop: int) -> None:
+        pair = torch.arange(start, stop, device=device)
+        b, n = pair // rest, pair % rest + 1
+        shown = on_bits[b, n].gather(1, flat[b]).view(-1, 1, H, W)
+        y[b, n] = _scores(ctx.model(torch.where(shown, images[b], fill[b])), ctx.targets[b], output)
+
     with torch.no_grad():
-        for start in range(0, B * rest, chunk):
-            pair = torch.arange(start, min(start + chunk, B * rest), device=device)
-            b, n = pair // rest, pair % rest + 1
-            shown = on_bits[b, n].gather(1, flat[b]).view(-1, 1, H, W)
-            y[b, n] = _scores(ctx.model(torch.where(shown, images[b], fill[b])), ctx.targets[b], output)
+        # per sample: the image and its fill gathered, the composite, the mask
+        run_chunks(B * rest, ctx.chunk(CPU_CHUNK, GPU_CHUNK, batch_size, total=B * rest, copies=3.5), sample,
+                   what="LIME")
 
     X = on_bits.double()
     counts = torch.tensor(n_features, device=device)

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import torch
 
+from ..chunking import run_chunks
 from ..cost import Cost, channels
 from ..hooks import replace_output
 from ..maps import constant_maps, normalize, upsample
 from ..options import Bool, PositiveInt
+from ..precision import same_precision
 from .base import Context
 from .gradient import _done, _weighted
 from .registry import register
 
 #: Images per forward on a CPU when no batch_size is given: there a forward's time per image
 #: grows with the batch (cache pressure), so small chunks are fastest (benchmarks/methods.py).
+#: On a CUDA device the chunk comes from its free memory (`opticam_core.chunking`); GPU_CHUNK
+#: serves only accelerators that cannot report their memory.
 CPU_CHUNK, GPU_CHUNK = 8, 128
-#: Bytes of ablated feature copies per tail chunk when no batch_size is given.
+#: Bytes of ablated feature copies per tail chunk on the CPU when no batch_size is given.
 TAIL_CHUNK_BYTES = 256 * 2**20
 
 
@@ -52,11 +56,10 @@ def scorecam(ctx: Context, *, batch_size: PositiveInt | None = None, align_corne
 
     The paper's baseline term −f(x_b)_c is the same for every channel of an image, and softmax
     ignores such shifts, so it is not computed. batch_size: masked images per forward (default
-    8 on the CPU, 128 on a GPU). align_corners: the masks' upsampling (pytorch-grad-cam uses True).
+    8 on the CPU; on a GPU what its free memory holds, `opticam_core.chunking`). align_corners: the masks' upsampling (pytorch-grad-cam uses True).
     """
     feats = ctx.features()
     B, K = feats.shape[:2]
-    chunk = ctx.chunk(CPU_CHUNK, GPU_CHUNK, batch_size)
     scores = torch.empty(B, K, device=feats.device, dtype=ctx.images.dtype)
     flat = constant_maps(feats)
     with torch.no_grad():
@@ -64,10 +67,15 @@ def scorecam(ctx: Context, *, batch_size: PositiveInt | None = None, align_corne
             black = ctx.model(torch.zeros_like(ctx.images[:1]))[0]
             scores[flat] = black[ctx.targets].unsqueeze(1).expand(B, K)[flat]
         pairs = (~flat).nonzero()
-        for start in range(0, len(pairs), chunk):
-            b, k = pairs[start:start + chunk].unbind(1)
+
+        def score(start: int, stop: int) -> None:
+            b, k = pairs[start:stop].unbind(1)
             masks = normalize(upsample(feats[b, k], ctx.size, align_corners=align_corners))
             scores[b, k] = _pick(ctx.model(ctx.images[b] * masks[:, None]), ctx.targets[b])
+
+        # per pair: the image gathered, its mask (a third of an image) and the masked copy
+        run_chunks(len(pairs), ctx.chunk(CPU_CHUNK, GPU_CHUNK, batch_size, total=len(pairs), copies=2.5),
+                   score, what="Score-CAM")
     return _done(ctx, _weighted(torch.softmax(scores, dim=1), feats))
 
 
@@ -79,7 +87,7 @@ def ablationcam(ctx: Context, *, batch_size: PositiveInt | None = None, use_tail
     heads), only that tail runs on the ablated features; otherwise a hook replaces the layer's
     output inside full forwards. Transformers ablate an embedding channel in every token.
     batch_size: ablated copies per forward (default: as Score-CAM for full forwards; for the
-    tail, as many as fit in TAIL_CHUNK_BYTES).
+    tail, as many as fit in TAIL_CHUNK_BYTES on the CPU, in the free memory on a GPU).
     """
     raw = ctx.raw_features()
     feats = ctx.features()
@@ -103,16 +111,25 @@ def ablationcam(ctx: Context, *, batch_size: PositiveInt | None = None, use_tail
     with torch.no_grad():
         if tail is not None:
             by_budget = max(1, TAIL_CHUNK_BYTES // (raw[0].numel() * raw.element_size()))
-            chunk = ctx.chunk(by_budget, by_budget, batch_size)
-            for start in range(0, len(pairs), chunk):
-                b, k = pairs[start:start + chunk].unbind(1)
-                ablated[b, k] = _pick(tail(zero_channel(raw[b], k)), ctx.targets[b])
+
+            def ablate(start: int, stop: int) -> None:
+                b, k = pairs[start:stop].unbind(1)
+                with same_precision(ctx.model):  # as y was computed: a bf16 y minus an fp32 tail is noise
+                    ablated[b, k] = _pick(tail(zero_channel(raw[b], k)), ctx.targets[b]).to(ablated.dtype)
+
+            # per pair: the gathered features and their ablated copy, besides the tail's own memory
+            chunk = ctx.chunk(by_budget, by_budget, batch_size, total=len(pairs), copies=2, fn=tail, example=raw,
+                              what="tail")
         else:
-            chunk = ctx.chunk(CPU_CHUNK, GPU_CHUNK, batch_size)
             target = ctx.bundle.target
-            for start in range(0, len(pairs), chunk):
-                b, k = pairs[start:start + chunk].unbind(1)
+
+            def ablate(start: int, stop: int) -> None:
+                b, k = pairs[start:stop].unbind(1)
                 with replace_output(target, lambda out, k=k: zero_channel(out, k)):
                     ablated[b, k] = _pick(ctx.model(ctx.images[b]), ctx.targets[b])
+
+            # per pair: the gathered image; the layer's ablated copy is within the forward's own
+            chunk = ctx.chunk(CPU_CHUNK, GPU_CHUNK, batch_size, total=len(pairs), copies=1)
+        run_chunks(len(pairs), chunk, ablate, what="Ablation-CAM")
     weights = (y[:, None] - ablated) / y[:, None]
     return _done(ctx, _weighted(weights, feats))

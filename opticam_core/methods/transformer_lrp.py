@@ -147,7 +147,8 @@ def attention_probabilities(attns: list[nn.Module],
 
     def keep(i):
         def hook(_m, _inputs, output):
-            seen[i] = reduce(output)
+            with torch.autocast(output.device.type, enabled=False):  # the hook runs inside a bf16 forward
+                seen[i] = reduce(full_precision(output))
         return hook
 
     with ExitStack() as stack:
@@ -190,12 +191,18 @@ class Recording:
     head: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name → (input, output)
 
 
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """The LRP pass runs in float32 with the layers' float32 weights, also when the forward ran
+    under bf16 autocast (`precision="bf16"`): half-precision recordings are widened."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _store(rec, inp: str | None = None, out: str | None = None, graph: bool = False):
     def hook(_m, inputs, output):
         if inp is not None:
-            setattr(rec, inp, inputs[0].detach())
+            setattr(rec, inp, full_precision(inputs[0].detach()))
         if out is not None:
-            setattr(rec, out, output if graph else output.detach())
+            setattr(rec, out, output if graph else full_precision(output.detach()))
     return hook
 
 
@@ -235,7 +242,7 @@ def record(net: nn.Module, first: int) -> Iterator[Recording]:
 
 def _keep_head(rec: Recording, name: str):
     def hook(_m, inputs, output):
-        rec.head[name] = (inputs[0].detach(), output.detach())
+        rec.head[name] = (full_precision(inputs[0].detach()), full_precision(output.detach()))
     return hook
 
 

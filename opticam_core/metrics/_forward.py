@@ -10,12 +10,16 @@ from typing import Callable
 
 import torch
 
+from ..chunking import chunk_size, run_chunks
+
 
 def default_batch_size(device: torch.device) -> int:
-    """Step images per forward when the caller does not say: large on a GPU; small on a CPU,
-    where a forward's time per image grows with the batch (cache pressure: EfficientNet-Lite0
-    takes ~19 ms per image in batches of 8 and ~25 ms in batches of 32 on a 2-core laptop)."""
-    return 256 if torch.device(device).type == "cuda" else 8
+    """Step images per forward when the caller does not say and the device's memory is not
+    known: small on a CPU, where a forward's time per image grows with the batch (cache
+    pressure: EfficientNet-Lite0 takes ~19 ms per image in batches of 8 and ~25 ms in batches of
+    32 on a 2-core laptop); large on an accelerator (CUDA devices size it from their free memory
+    instead, `resolve_batch_size`)."""
+    return 8 if torch.device(device).type == "cpu" else 256
 
 
 def class_log_probs(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -28,16 +32,27 @@ def chunked_log_probs(model, total: int, build: Callable[[slice], tuple[torch.Te
                       batch_size: int, device) -> torch.Tensor:
     """log p for `total` images made chunk by chunk: build(slice) → (images C×3×H×W, classes C)."""
     out = torch.empty(total, dtype=torch.float64, device=device)
-    for start in range(0, total, batch_size):
-        part = slice(start, min(start + batch_size, total))
-        images, classes = build(part)
-        out[part] = class_log_probs(model(images), classes)
+
+    def forward(start: int, stop: int) -> None:
+        images, classes = build(slice(start, stop))
+        out[start:stop] = class_log_probs(model(images), classes)
+
+    run_chunks(total, batch_size, forward, what="metric forwards")  # out of memory: halved, not failed
     return out
 
 
-def resolve_batch_size(batch_size: int | None, device) -> int:
-    if batch_size is None:
+def resolve_batch_size(batch_size: int | None, device, *, model=None, example: torch.Tensor | None = None,
+                       copies: float = 3.0, total: int | None = None) -> int:
+    """`batch_size` as given; else `default_batch_size`, except on a CUDA device given the model
+    and an `example` image batch: what its free memory holds at the model's measured memory per
+    image plus `copies` image-sized tensors per item that the caller's build makes
+    (`opticam_core.chunking`)."""
+    if batch_size is not None:
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        return int(batch_size)
+    if model is None or example is None or torch.device(device).type != "cuda" or example.numel() == 0:
         return default_batch_size(device)
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return int(batch_size)
+    extra = int(copies * example[0].numel() * example.element_size())
+    return chunk_size(model, example, cpu=default_batch_size("cpu"), fallback=default_batch_size(device),
+                      extra_bytes=extra, limit=total, device=device)

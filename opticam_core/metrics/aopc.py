@@ -36,6 +36,7 @@ from typing import Annotated, Literal, Mapping, Sequence
 import torch
 from pydantic import BeforeValidator
 
+from ..chunking import run_chunks
 from ..cost import Cost
 from ..fields import PerImage
 from ..options import Bool, OptionsError, PositiveInt
@@ -114,7 +115,7 @@ def region_perturbation(bundle, images: torch.Tensor, maps: torch.Tensor, target
     (capped at the number of patches). order: "morf" (most relevant first) or "lerf". baseline:
     "black" (min of x), "white" (max of x), "mean" (mean of the current image) or a number.
     softmax: probabilities (True) or logits. batch_size: step images per forward (default 8 on a
-    CPU, 256 on a GPU)."""
+    CPU; on a GPU what its free memory holds, `opticam_core.chunking`)."""
     home = images.device
     problem = _size_problem(patch_size, images.shape[-2:])
     if problem:
@@ -150,13 +151,17 @@ def region_perturbation(bundle, images: torch.Tensor, maps: torch.Tensor, target
     clean = score(clean_logits_of(bundle, images, clean_logits), targets)
     total = B * L
     steps = torch.empty(total, dtype=torch.float64, device=dev)
-    bs = resolve_batch_size(batch_size, dev)
-    for start in range(0, total, bs):
-        job = torch.arange(start, min(start + bs, total), device=dev)
+
+    def perturbed(start: int, stop: int) -> None:
+        job = torch.arange(start, stop, device=dev)
         b, k = job // L, job % L + 1  # image, patches replaced
         hit = rank[b] < k[:, None]  # n×P: patches replaced after k steps
         x = torch.where(to_pixels(hit)[:, None], to_pixels(fill[b])[:, None], images[b])
-        steps[start:start + len(job)] = score(bundle.model(x), targets[b])
+        steps[start:stop] = score(bundle.model(x), targets[b])
+
+    # per step image: the gathered image, the fill and mask (as pixels), the composite
+    bs = resolve_batch_size(batch_size, dev, model=bundle.model, example=images, copies=3.5, total=total)
+    run_chunks(total, bs, perturbed, what="AOPC")
 
     curve = clean[:, None] - steps.view(B, L)
     return (curve.sum(1) / (L + 1)).to(home), curve.to(home)

@@ -36,7 +36,7 @@ def box_study(bundle, images: torch.Tensor, maps: torch.Tensor, boxes, targets, 
     M = union_mask(padded, (H, W)).float()
     masks = torch.stack([maps * M, maps * (1 - M), M, 1 - M][:4 if method_free else 2])  # k×B×H×W
     k = len(masks)
-    bs = resolve_batch_size(batch_size, images.device)
+    bs = resolve_batch_size(batch_size, images.device, model=bundle.model, example=images, copies=2.5, total=k * B)
 
     def build(part: slice):
         k = torch.arange(part.start, part.stop, device=images.device)

@@ -103,7 +103,7 @@ def insertion_deletion(bundle, images: torch.Tensor, maps: torch.Tensor, *, clas
     classes: the class whose probability is tracked; default the prediction on the clean image
     (from `clean_logits` when given). blur: (size, sigma) of the RISE blur that insertion
     starts from, or None to insert into a black image. batch_size: step images per forward
-    (default 64 on a CPU, 256 on a GPU; memory grows with it).
+    (default 8 on a CPU; on a GPU what its free memory holds, `opticam_core.chunking`).
     curves: {"insertion", "deletion": B×(n+1) float64, "fractions": n+1 float64, "classes": B}.
     AUCs are float64 in [0,1].
     """
@@ -140,7 +140,8 @@ def insertion_deletion(bundle, images: torch.Tensor, maps: torch.Tensor, *, clas
         x = torch.where(from_image[:, None, :], flat[b], substrate)
         return x.view(-1, C, H, W), classes[b]
 
-    bs = resolve_batch_size(batch_size, dev)
+    # per step image: the gathered image and substrate, the composite, the two pixel masks
+    bs = resolve_batch_size(batch_size, dev, model=bundle.model, example=images, copies=3.5, total=B * per)
     probs = chunked_log_probs(bundle.model, B * per, build, bs, dev).exp().view(B, per)
     black = class_log_probs(bundle.model(torch.zeros(1, C, H, W, device=dev)).expand(B, -1), classes).exp()
 

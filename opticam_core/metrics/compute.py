@@ -10,6 +10,9 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..boxes import check_boxes
+from ..precision import DEFAULT as DEFAULT_PRECISION
+from ..precision import check_precision
+from ..precision import precision as run_in
 from ._forward import class_log_probs
 from .classification import check_batch, clean_logits_of
 from .registry import GROUPS, MetricBatch, default_groups, group_options
@@ -21,7 +24,8 @@ def compute(bundle, images: torch.Tensor, targets, maps: torch.Tensor, boxes=Non
             which: Sequence[str] | Mapping[str, Mapping | None] | None = None,
             clean_logits: torch.Tensor | None = None, method_free: bool = True, method: str | None = None,
             method_options: Mapping[str, Any] | None = None, map_targets=None,
-            errors: dict[str, list[str | None]] | None = None) -> dict[str, torch.Tensor]:
+            errors: dict[str, list[str | None]] | None = None, precision: str = DEFAULT_PRECISION,
+            compile: bool = False) -> dict[str, torch.Tensor]:
     """Per-image tensors (length B, or B×T for curves and box_iou) for maps S, named as the
     groups declare them (`opticam_core.fields.per_image_fields`).
 
@@ -42,7 +46,17 @@ def compute(bundle, images: torch.Tensor, targets, maps: torch.Tensor, boxes=Non
     map was made for when it is not `targets` (maps for another class, Table A.9): re-runs use it,
     the metrics' class stays `targets`. boxes: per-image n_i×4 or B×N×4 NaN-padded, pixel-edge
     coordinates of the preprocessed image; None means no boxes. Tensors land on the images' device.
+    precision, compile: how the network runs (`opticam_core.precision`; re-runs of the method
+    inherit them); probabilities are computed from float32 logits in float64 whatever the precision.
     """
+    check_precision(precision)
+    with run_in(precision, bundle.model, compile=compile):
+        return _compute(bundle, images, targets, maps, boxes, which, clean_logits, method_free, method,
+                        method_options, map_targets, errors)
+
+
+def _compute(bundle, images, targets, maps, boxes, which, clean_logits, method_free, method, method_options,
+             map_targets, errors) -> dict[str, torch.Tensor]:
     options = group_options(default_groups() if which is None else which)
     home = images.device
     images, maps, targets = check_batch(bundle, images, maps, targets)

@@ -143,7 +143,8 @@ def localization(maps: torch.Tensor, boxes, *, targets=None, bundle=None, images
         def build(part: slice):
             return crop_resize(images[part], box[part], (H, W), crop_mode), targets[part]
 
-        log_p = chunked_log_probs(bundle.model, B, build, resolve_batch_size(batch_size, dev), dev)
+        bs = resolve_batch_size(batch_size, dev, model=bundle.model, example=images, copies=2, total=B)
+        log_p = chunked_log_probs(bundle.model, B, build, bs, dev)
         sm = torch.where(constant, float("nan"), area.log() - log_p)
 
     out = {

@@ -37,7 +37,7 @@ def selectivity(bundle, images: torch.Tensor, maps: torch.Tensor, targets, *,
     """(alphas A float64, o B×A float64): the probability of `targets` on x ⊙ S^α for each α.
 
     All B·A masked images go through the network together, `batch_size` at a time (default 8 on
-    a CPU, 256 on a GPU), α-major: with batch_size = B each forward is one α's batch, the same
+    a CPU; on a GPU what its free memory holds), α-major: with batch_size = B each forward is one α's batch, the same
     forward as the classification group's at α = 1."""
     home = images.device
     alpha = torch.as_tensor(tuple(alphas), dtype=torch.float64).reshape(-1)
@@ -57,7 +57,8 @@ def selectivity(bundle, images: torch.Tensor, maps: torch.Tensor, targets, *,
                 masks[which == a] = masks[which == a].pow(powers[a])
         return images[img] * masks[:, None], targets[img]
 
-    o = chunked_log_probs(bundle.model, A * B, build, resolve_batch_size(batch_size, dev), dev).exp()
+    bs = resolve_batch_size(batch_size, dev, model=bundle.model, example=images, copies=2.5, total=A * B)
+    o = chunked_log_probs(bundle.model, A * B, build, bs, dev).exp()
     return alpha.to(home), o.view(A, B).T.contiguous().to(home)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -30,6 +29,7 @@ import yaml
 from pipeline import storage
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.data import check_splits
+from pipeline.job import ensure_ray
 
 RAY_DIR = "train"
 MODEL_FILE = "model.pt"
@@ -79,19 +79,6 @@ def last_checkpoint(out: str) -> str | None:
     return None
 
 
-def ensure_ray(address: str | None, config: FinetuneConfig) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        need = config.compute.workers * config.compute.cpus_per_worker
-        ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
-
-
 def prepare_output(config: FinetuneConfig, resume: bool) -> str | None:
     """Refuse to mix runs; returns the newest checkpoint when resuming."""
     out = config.output
@@ -134,7 +121,7 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, address: str | Non
     if not storage.exists(storage.join(out, CONFIG_FILE)):
         storage.write_text(storage.join(out, CONFIG_FILE), yaml.safe_dump(config.to_dict(), sort_keys=False))
     t0 = time.perf_counter()
-    ensure_ray(address, config)
+    ensure_ray(address, min_cpus=config.compute.workers * config.compute.cpus_per_worker)
     log(f"finetune: Ray ready in {time.perf_counter() - t0:.1f} s")
 
     c = config.compute
