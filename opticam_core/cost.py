@@ -141,24 +141,16 @@ def model_info(name: str, layer: str | None = None, num_classes: int | None = No
     from torch.utils.flop_counter import FlopCounterMode
 
     from .hooks import capture
-    from .models.networks import timm_net, torchvision_net
     from .models.tails import find_tail
-    from .models.zoo import BUILTIN, recipe
+    from .models.zoo import meta_network, recipe
 
     r = recipe(name, weights=None, num_classes=num_classes, layer=layer)
     base = ModelInfo(name=r.name, input_size=tuple(r.input_size))
-    cfg = BUILTIN.get(r.name)
-    arch = "efficientnet_lite0" if cfg is not None and cfg.source == "lite0" else (cfg.arch if cfg else r.name)
     try:
+        net = meta_network(r.name)
+        if net is None:
+            return replace(base, notes=(f"{name}: not a torchvision or timm model",))
         with torch.device("meta"):
-            net = None
-            if cfg is None or cfg.source == "torchvision":
-                built = torchvision_net(arch, None)
-                net = built[0] if built is not None else None
-            if net is None:
-                net = timm_net(arch, None)
-            if net is None:
-                return replace(base, notes=(f"{name}: not a torchvision or timm model",))
             if num_classes is not None:
                 from .models.networks import replace_head
 

@@ -31,7 +31,7 @@ from opticam_core.methods import method_spec
 from opticam_core.methods import methods as registered_methods
 from opticam_core.metrics import GROUPS as METRIC_GROUPS
 from opticam_core.metrics import default_groups
-from opticam_core.models import BUILTIN, available_models, recipe
+from opticam_core.models import available_models, meta_network, recipe
 from opticam_core.options import (
     Int,
     NonNegativeFloat,
@@ -313,21 +313,9 @@ def _entry_keys(m: Mapping) -> list:
 def _module_names(name: str) -> frozenset[str] | None:
     """The module paths of a torchvision or timm architecture, built on the meta device (no
     weights, no memory, ~0.1 s); None when it cannot be built that way (then the actor tells)."""
-    import torch
-
-    from opticam_core.models.networks import timm_net, torchvision_net
-
-    cfg = BUILTIN.get(name)
-    arch = cfg.arch if cfg else name
     try:
-        with torch.device("meta"):
-            built = None
-            if cfg is None or cfg.source == "torchvision":
-                built = torchvision_net(arch, None)
-                built = built[0] if built is not None else None
-            if built is None and (cfg is None or cfg.source in ("timm", "lite0")):
-                built = timm_net(arch, None)
-    except Exception:
+        built = meta_network(name)
+    except Exception:  # noqa: BLE001  (not buildable on meta: the actor tells)
         return None
     return frozenset(n for n, _ in built.named_modules() if n) if built is not None else None
 

@@ -303,3 +303,18 @@ def test_wrap_model_checks_an_explicit_tail():
         wrap_model(net, "features.99")
     # float64 networks keep float64 normalisation buffers
     assert bundle.model.mean.dtype == torch.float64
+
+
+def test_meta_network_is_the_architecture_load_model_builds_without_weights():
+    """One builder serves every check before loading (layers at --check, sanity blocks, attention
+    requirement, costs): the same network as load_model, on the meta device, aliases resolved."""
+    from opticam_core.models import meta_network
+
+    vgg = meta_network("vgg16")  # alias of the built-in vgg16_bn (torchvision)
+    assert type(vgg).__name__ == "VGG" and any(isinstance(m, torch.nn.BatchNorm2d) for m in vgg.modules())
+    lite0 = meta_network("efficientnet_lite0")  # the packaged built-in: timm's architecture
+    assert type(lite0).__name__ == "EfficientNet"
+    assert type(meta_network("deit_tiny_patch16_224")).__name__ == "VisionTransformer"  # any timm name
+    for net in (vgg, lite0):
+        assert all(p.is_meta for p in net.parameters())
+    assert meta_network("no_such_network") is None

@@ -53,20 +53,13 @@ def _serves_recipe(recipe) -> bool | None:
 def _arch_serves(name: str) -> bool | None:
     """For a model that is not a built-in: build its architecture on the meta device (no weights,
     no memory, a fraction of a second) and look. None when neither library knows the name."""
-    import timm
-    import torchvision
+    from ..models import meta_network
 
     try:
-        torchvision.models.get_model_builder(name)
-        return False  # load_model builds torchvision's network first, and none has timm attention
-    except ValueError:
-        pass
-    if not timm.is_model(name):
-        return None
-    try:
-        with torch.device("meta"):
-            net = timm.create_model(name, pretrained=False)
+        net = meta_network(name)  # torchvision's networks come first, as in load_model: none has timm attention
     except Exception:  # an architecture that cannot be built on meta: tell when it is loaded
+        return None
+    if net is None:
         return None
     return lrp.attention_modules(net) is not None
 

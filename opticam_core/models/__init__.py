@@ -29,11 +29,12 @@ from .zoo import (
     Recipe,
     available_models,
     load_model,
+    meta_network,
     recipe,
 )
 
 __all__ = [
     "ALIASES", "BUILTIN", "DEFAULT", "IMAGENET_MEAN", "IMAGENET_STD", "ModelBundle", "ModelConfig", "ModelError",
     "Normalized", "Recipe", "WeightsUnavailableError", "available_models", "freeze", "imagenet_classes",
-    "load_model", "recipe", "tokens_to_map", "wrap_model",
+    "load_model", "meta_network", "recipe", "tokens_to_map", "wrap_model",
 ]

@@ -216,27 +216,15 @@ def randomized(bundle: ModelBundle, n: int, seed: int = 0, *, reset_stats: bool 
 
 
 def architecture(model_name: str) -> nn.Module:
-    """The bare network of `model_name` (a built-in, alias, or torchvision/timm name) built on the
-    meta device: its structure without weights or memory, for checks at `--check` time."""
-    import timm
-    import torchvision
+    """The bare network of `model_name` (a built-in, alias, or torchvision/timm name; a `@layer`
+    suffix ignored) built on the meta device, for checks at `--check` time."""
+    from .zoo import BUILTIN, meta_network
 
-    from .zoo import ALIASES, BUILTIN
-
-    name = ALIASES.get(model_name, model_name).split("@", 1)[0]
-    cfg = BUILTIN.get(name)
-    arch = cfg.arch if cfg else name
-    source = cfg.source if cfg else None
-    with torch.device("meta"):
-        if source in (None, "torchvision"):
-            try:
-                return torchvision.models.get_model_builder(arch)(weights=None)
-            except ValueError:
-                pass
-        if timm.is_model(arch):
-            return timm.create_model(arch, pretrained=False)
-    raise ModelError(f"unknown model {model_name!r}: not a built-in ({', '.join(sorted(BUILTIN))}) "
-                     "and not a torchvision or timm model name")
+    net = meta_network(model_name.split("@", 1)[0])
+    if net is None:
+        raise ModelError(f"unknown model {model_name!r}: not a built-in ({', '.join(sorted(BUILTIN))}) "
+                         "and not a torchvision or timm model name")
+    return net
 
 
 def check_blocks(model_name: str, blocks: int, *, where: str = "metrics.sanity.blocks") -> list[str]:

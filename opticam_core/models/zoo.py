@@ -162,6 +162,24 @@ def _network(name: str, cfg: ModelConfig | None, pretrained: str | None) -> tupl
     raise _unknown_model(name)
 
 
+def meta_network(name: str) -> nn.Module | None:
+    """The bare network `load_model(name)` would build (a built-in, an alias, or a torchvision/
+    timm name), on the meta device: its structure without weights or memory, in a fraction of a
+    second, for checks and estimates before anything loads. None when neither library knows the
+    name; an architecture that cannot be built on meta raises."""
+    import torch
+
+    name = ALIASES.get(name, name)
+    cfg = BUILTIN.get(name)
+    source, arch = (cfg.source, cfg.arch) if cfg else (None, name)
+    with torch.device("meta"):
+        if source in (None, "torchvision"):
+            built = torchvision_net(arch, None)
+            if built is not None:
+                return built[0]
+        return timm_net(arch, None) if source != "torchvision" else None
+
+
 def _unknown_model(name: str) -> ModelError:
     return ModelError(
         f"unknown model {name!r}: not a built-in ({', '.join(available_models())}) "
