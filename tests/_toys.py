@@ -166,3 +166,14 @@ def skimage_photo(name: str = "chelsea", *, size: int = 224, resize: int = 256) 
     img = TF.resize(img, [resize], antialias=True)
     img = TF.center_crop(img, [size, size])
     return (img.float() / 255).unsqueeze(0)
+
+
+def lite0_on_photos(names) -> tuple[ModelBundle, torch.Tensor, torch.Tensor]:
+    """The real EfficientNet-Lite0, `skimage_photo`s of `names`, and its predicted class for each."""
+    from opticam_core import load_model
+
+    bundle = load_model("efficientnet_lite0")
+    x = torch.cat([skimage_photo(name) for name in names])
+    with torch.no_grad():
+        predicted = bundle.model(x).argmax(1)
+    return bundle, x, predicted

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from opticam_core import explain, load_model, wrap_model
+from opticam_core import explain, wrap_model
 from opticam_core.maps import normalize
 from opticam_core.methods import gradshap as gs_module
 from opticam_core.methods.gradshap import attributions, draw, reduce
@@ -52,11 +52,7 @@ def captum_per_photo(attr, model, x, targets, baselines, n, stdevs, seed):
 
 @pytest.fixture(scope="module")
 def real():
-    bundle = load_model("efficientnet_lite0")
-    x = torch.cat([_toys.skimage_photo(name) for name in PHOTOS])
-    with torch.no_grad():
-        targets = bundle.model(x).argmax(1)
-    return bundle, x, targets
+    return _toys.lite0_on_photos(PHOTOS)
 
 
 def report(ours, theirs, what):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from opticam_core import explain, load_model
+from opticam_core import explain
 from opticam_core.models import wrap_model
 from opticam_core.options import OptionsError
 from pipeline.config import ConfigError, load_config
@@ -69,11 +69,7 @@ def lime_explain(bundle, image_chw: torch.Tensor, label: int, **kwargs):
 
 @pytest.fixture(scope="module")
 def lite0_photos():
-    bundle = load_model("efficientnet_lite0")
-    x = torch.cat([_toys.skimage_photo(name) for name in PHOTOS])
-    with torch.no_grad():
-        labels = bundle.model(x).argmax(1)
-    return bundle, x, labels
+    return _toys.lite0_on_photos(PHOTOS)
 
 
 def test_parity_with_lime_on_real_weights_and_photos(lite0_photos):
