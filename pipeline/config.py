@@ -378,14 +378,16 @@ def _metrics_that_cannot_run(raw: Mapping, models: list[Mapping]) -> list[str]:
     given = given if isinstance(given, Mapping) else {g: None for g in given} if isinstance(given, list) else {}
     errors: list[str] = []
     if "aopc" in given:
+        from .decode import geometry
+
         sizes = set()
         for d in _entries(raw, "datasets"):
-            try:
-                prep = PreprocessSpec.model_validate(d["preprocess"]) if d.get("preprocess") else None
-            except Exception:  # noqa: BLE001  (its own error is reported by the dataset's validation)
-                continue
-            sizes.add(tuple(prep.kwargs()["size"]) if prep else (224, 224))
-        for size in sorted(sizes or {(224, 224)}):
+            for m in models:
+                try:  # the plan's input size, as the decode stage will make it
+                    sizes.add(geometry(m, d.get("preprocess"))["size"])
+                except Exception:  # noqa: BLE001  (a bad dataset or model entry reports its own error)
+                    continue
+        for size in sorted(sizes):
             try:
                 check_aopc_input_size(given["aopc"], size)
             except OptionsError as err:
