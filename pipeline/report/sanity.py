@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 
 from opticam_core.metrics.sanity import MEASURES, aggregate_sanity
 
+from .aggregates import counts_from_indices, resample_indices
 from .figures import DPI, _save
 from .tables import method_name, method_order
 
@@ -40,11 +41,8 @@ def _curves(frame: pd.DataFrame, resamples: int, seed: int) -> dict[str, tuple[n
     n = len(frame)
     out = {}
     if resamples and n > 1:
-        rng = np.random.default_rng(seed)
-        idx = rng.integers(0, n, size=(resamples, n))
-        weights = np.zeros((resamples, n))
-        np.add.at(weights, (np.repeat(np.arange(resamples), n), idx.ravel()), 1.0)
-        boot = aggregate_sanity(values, weights=weights)
+        idx = resample_indices(n, resamples, np.random.default_rng(seed))
+        boot = aggregate_sanity(values, weights=counts_from_indices(idx, n))
     else:
         boot = {}
     for m, v in point.items():
