@@ -42,7 +42,7 @@ import torch
 from ..cost import Cost
 from ..fields import PerImage
 from ._forward import class_log_probs
-from .classification import check_batch, clean_logits_of
+from .classification import check_batch, clean_logits_of, drop_terms
 from .registry import Metric, MetricBatch, register_group
 
 
@@ -92,7 +92,7 @@ def adcc(bundle, rerun, images: torch.Tensor, maps: torch.Tensor, targets, *,
     if ok.any():
         again[ok] = rerun(masked[ok], cls[ok]).to(S)
     with torch.no_grad():
-        drop = (p - o).clamp_min(0) / p
+        drop = drop_terms(p, o)  # Average Drop's own term, on ADCC's class
         complexity = S.double().abs().flatten(1).mean(1)
         coh = coherency(S, again)
         out = {"adcc": harmonic_adcc(coh, complexity, drop), "adcc_coherency": coh,
