@@ -25,12 +25,9 @@ import time
 
 import torch
 
+from benchmarks._stats import spread
 from opticam_core import explain, load_model
 from opticam_core.methods import transformer_lrp as lrp
-
-
-def spread(values) -> str:
-    return f"{statistics.median(values):6.3f}  [{min(values):.3f}-{max(values):.3f}]"
 
 
 def main(argv=None):

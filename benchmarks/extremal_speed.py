@@ -23,13 +23,13 @@ term (ours ranks with topk, TorchRay sorts) and the jitter's flip.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from benchmarks._stats import spread
 from opticam_core import explain, load_model
 from opticam_core.methods.extremal import (
     AreaRegulariser,
@@ -54,10 +54,6 @@ def forward_backward(model, x, labels):
     xi = x.detach().requires_grad_(True)
     score = model(xi).gather(1, labels[:, None]).sum()
     torch.autograd.grad(score, xi)
-
-
-def spread(values) -> str:
-    return f"{statistics.median(values):8.3f}  [{min(values):.3f}-{max(values):.3f}]"
 
 
 def whole_runs(bundle, x, labels, iterations, repeats):

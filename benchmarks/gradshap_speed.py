@@ -21,12 +21,12 @@ ours / floor, then their median and spread (min–max).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks._stats import spread
 from opticam_core import explain, load_model
 from opticam_core.methods.gradshap import CPU_CHUNK, GPU_CHUNK
 
@@ -62,10 +62,6 @@ def floor(model, rows, row_labels, chunk):
     for start in range(0, len(rows), chunk):
         xi = rows[start:start + chunk].clone().requires_grad_(True)
         torch.autograd.grad(model(xi).gather(1, row_labels[start:start + chunk, None]).sum(), xi)
-
-
-def spread(values) -> str:
-    return f"{statistics.median(values):7.3f}  [{min(values):.3f}-{max(values):.3f}]"
 
 
 def main(argv=None):

@@ -24,13 +24,13 @@ their median and spread (min–max); then what the floor leaves out: quickshift 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks._stats import spread
 from opticam_core import explain, load_model
 from opticam_core.methods.lime_superpixels import segment
 from opticam_core.methods.perturbation import CPU_CHUNK, GPU_CHUNK
@@ -77,10 +77,6 @@ def floor(bundle, x: torch.Tensor, samples: int) -> None:
         for start in range(0, total, chunk):
             idx = torch.arange(start, min(start + chunk, total)) % len(x)
             bundle.model(x[idx])
-
-
-def spread(values) -> str:
-    return f"{statistics.median(values):7.3f}  [{min(values):.3f}-{max(values):.3f}]"
 
 
 def whole_runs(bundle, x, labels, samples, repeats, names):
