@@ -16,10 +16,12 @@ Parquet). Issue 14's targets:
   starts (rows carry them, `created`) / batch size. overhead = each − the in-process cost.
 - the driver's memory flat in the number of samples: each size runs in a fresh driver process
   (its own local Ray), whose RSS is sampled every 50 ms during `run`; the peak above the RSS
-  at its start is compared between the sizes.
-- resume scan ≤ 30 s over about 1,000,000 result rows: `existing_rows` (one read of the rows'
-  key columns) and `missing_work` (sample_id → what is left), as `pipeline.job.run` does before
-  a plan, on rows written directly with pyarrow in many files (one per batch, as the job does).
+  at its start is compared between the sizes; and beside it the same for Ray Data alone in the
+  job's shape (`ray_only`), so that what is Ray's and what is the job's can be told apart.
+- resume scan ≤ 30 s over about 1,000,000 result rows: `missing_work` over `result_parts` (the
+  rows' key columns, a few dozen files at a time) → the samples left and what each misses, as
+  `pipeline.job.run` does before a plan, on rows written directly with pyarrow in many files
+  (one per batch, as the job does); with the RSS of this process sampled meanwhile.
 
 The job runs with one actor and one torch thread, as does the in-process side.
 """
@@ -117,6 +119,28 @@ def in_process(samples: Path, n: int, batch: int) -> tuple[float, float]:
     return (time.perf_counter() - t0) / (len(times) * batch), statistics.median(times) / batch
 
 
+class PeakRSS:
+    """This process's peak RSS while the block runs, sampled every 50 ms (ru_maxrss alone
+    would show the start-up's peak)."""
+
+    def __enter__(self):
+        self.before = rss()
+        self.peak = self.before
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss())
+
+
 def driver(samples: str, out: str, n: int, batch: int) -> dict:
     """One fresh run on `n` samples in this process (a fresh one: its peak RSS is the driver's)."""
     import ray
@@ -126,24 +150,38 @@ def driver(samples: str, out: str, n: int, batch: int) -> dict:
 
     cfg = load_config(config(samples, out, n, batch), run_id=f"n{n}")
     ray.init(num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False)
-    before = rss()
-    samples_rss, stop = [before], threading.Event()
-
-    def sample():  # the RSS now, every 50 ms: ru_maxrss alone would show the start-up's peak
-        while not stop.wait(0.05):
-            samples_rss.append(rss())
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     t0 = time.perf_counter()
-    summary = run(cfg, log=lambda *_: None)
+    with PeakRSS() as memory:
+        summary = run(cfg, log=lambda *_: None)
     seconds = time.perf_counter() - t0
-    stop.set()
-    sampler.join()
     ray.shutdown()
-    return {"seconds": seconds, "peak_rss": max(samples_rss), "rss_before_run": before, "rows": summary.ok,
+    return {"seconds": seconds, "peak_rss": memory.peak, "rss_before_run": memory.before, "rows": summary.ok,
             "max_rss_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "per_batch": batch_gap(out, f"n{n}")}
+
+
+class _Echo:
+    def __call__(self, batch):
+        return batch.select(["sample_id"])
+
+
+def ray_only(samples: str, out: str, n: int, batch: int) -> dict:
+    """Ray Data alone, in the job's shape (read `n` samples, blocks of one batch, one actor,
+    write), none of the job's own code: what Ray's driver keeps per block."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipeline.job import local_cpus
+
+    ray.init(num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False)
+    with PeakRSS() as memory:
+        ds = ray.data.read_parquet(samples, partitioning=None).select_columns(["sample_id"]).limit(n)
+        ds = ds.repartition(target_num_rows_per_block=batch)
+        ds = ds.map_batches(_Echo, batch_size=batch, batch_format="pyarrow", compute=ActorPoolStrategy(size=1),
+                            num_cpus=1)
+        ds.write_parquet(os.path.join(out, f"ray-only-{n}"))
+    ray.shutdown()
+    return {"peak_rss": memory.peak, "rss_before_run": memory.before}
 
 
 def rss() -> int:
@@ -164,15 +202,16 @@ def batch_gap(out: str, run_id: str) -> float:
     return statistics.median(gaps) if gaps else float("nan")
 
 
-def job(samples: Path, out: Path, n: int, batch: int) -> dict:
-    """`driver` in a fresh Python process (its own local Ray), so that each size's peak RSS is its own."""
-    code = ("import json, sys; from benchmarks.job_scale import driver; "
-            f"print('RESULT', json.dumps(driver({str(samples)!r}, {str(out)!r}, {n}, {batch})))")
+def job(samples: Path, out: Path, n: int, batch: int, what: str = "driver") -> dict:
+    """`driver` (or `ray_only`) in a fresh Python process (its own local Ray), so that each
+    size's peak RSS is its own."""
+    code = (f"import json, sys; from benchmarks.job_scale import {what}; "
+            f"print('RESULT', json.dumps({what}({str(samples)!r}, {str(out)!r}, {n}, {batch})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode or line is None:
-        raise RuntimeError(f"the job on {n} samples failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{what} on {n} samples failed:\n{proc.stderr[-3000:]}")
     return json.loads(line[len("RESULT "):])
 
 
@@ -206,18 +245,18 @@ def write_results(root: Path, samples: int, methods: int, per_file: int) -> int:
     return rows
 
 
-def resume_scan(samples: Path, results: Path, n: int, methods: int) -> tuple[float, float, int]:
-    """(seconds reading the rows, seconds finding what is missing, samples left) as `run` does."""
+def resume_scan(samples: Path, results: Path, n: int, methods: int) -> tuple[float, int, int]:
+    """(seconds, samples left, the peak RSS rise in bytes) of finding what is missing, as `run` does."""
     from pipeline.config import DatasetSpec
-    from pipeline.job import existing_rows, missing_work
+    from pipeline.job import missing_work, result_parts
 
     t0 = time.perf_counter()
-    done = existing_rows(str(results))
-    t1 = time.perf_counter()
-    todo = missing_work(DatasetSpec(name="scale", uri=str(samples), limit=n), str(samples),
-                        [f"m{j}" for j in range(methods + 1)], done)  # one method more: every sample misses it
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, len(todo)
+    with PeakRSS() as memory:
+        todo = missing_work(DatasetSpec(name="scale", uri=str(samples), limit=n), str(samples),
+                            [f"m{j}" for j in range(methods + 1)],  # one method more: every sample misses it
+                            result_parts(str(results)))
+    seconds = time.perf_counter() - t0
+    return seconds, len(todo), memory.peak - memory.before
 
 
 def main(argv=None):
@@ -267,6 +306,15 @@ def main(argv=None):
                   f"{(steady - per_batch) * 1e3:.2f} ms in the steady state (target ≤ 5 ms)")
             print(f"driver RSS rise during the run: +{rise[small] / 2**20:.0f} MiB at {small:,} samples, "
                   f"+{rise[large] / 2**20:.0f} MiB at {large:,}: {growth:,.0f} bytes per sample")
+            ray_rise = {}
+            for n in (small, large):
+                r = job(samples, work / "out", n, args.batch, what="ray_only")
+                ray_rise[n] = r["peak_rss"] - r["rss_before_run"]
+            ray_growth = (ray_rise[large] - ray_rise[small]) / (large - small)
+            print(f"Ray Data alone in the job's shape (read, {args.batch}-row blocks, one actor, write): "
+                  f"+{ray_rise[small] / 2**20:.0f} MiB at {small:,}, +{ray_rise[large] / 2**20:.0f} MiB at "
+                  f"{large:,}: {ray_growth:,.0f} bytes per sample, {ray_growth * args.batch / 1024:.0f} KB per "
+                  f"block; the job's own: {growth - ray_growth:,.0f} bytes per sample")
 
         methods = args.methods
         n = -(-args.rows // methods)
@@ -274,9 +322,9 @@ def main(argv=None):
         rows = write_results(work / "results", n, methods, per_file=args.batch * methods)
         print(f"{rows:,} result rows ({n:,} samples × {methods} methods) in "
               f"{len(list((work / 'results').iterdir())):,} files written in {time.perf_counter() - t0:.1f} s")
-        read, find, left = resume_scan(samples, work / "results", n, methods)
-        print(f"resume scan: existing_rows {read:.1f} s + missing_work {find:.1f} s = {read + find:.1f} s "
-              f"({left:,} samples with work left; target ≤ 30 s)")
+        seconds, left, rise = resume_scan(samples, work / "results", n, methods)
+        print(f"resume scan: {seconds:.1f} s ({left:,} samples with work left; target ≤ 30 s); this process's "
+              f"RSS rose by {rise / 2**20:.0f} MiB at its peak")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

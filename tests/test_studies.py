@@ -163,12 +163,12 @@ def test_subset_ignores_the_shard_layout_and_comes_before_limit(tmp_path):
     for k in range(3):
         pq.write_table(pa.Table.from_pylist(shuffled[k::3], schema=SAMPLES), many / f"part-{k}.parquet")
     ds = load_config(cfg(datasets=[{"name": "toy", "uri": str(one), "subset": {"size": 12, "seed": 4}}])).datasets[0]
-    chosen = select_samples(ds, str(one))
-    assert chosen == select_samples(ds, str(many)) and len(chosen) == 12
+    chosen = select_samples(ds, str(one)).to_pylist()
+    assert chosen == select_samples(ds, str(many)).to_pylist() and len(chosen) == 12
     counts = np.bincount([r["label"] for r in rows if r["sample_id"] in chosen], minlength=10)
     assert sorted(counts.tolist()) == [1] * 8 + [2] * 2  # 10 classes of 3
     limited = ds.model_copy(update={"limit": 5})
-    assert select_samples(limited, str(many)) == chosen[:5]
+    assert select_samples(limited, str(many)).to_pylist() == chosen[:5]
     prints = fingerprints(load_config(cfg(datasets=[{"name": "toy", "uri": str(one), "subset": {"size": 12}}]),
                                       run_id="r"))
     assert prints["toy/test_efficientnet/gradcam"]["datasets[toy].subset.size"] == 12
@@ -280,7 +280,9 @@ def test_rows_without_a_target_column_are_the_labels(tmp_path):
     ds = load_config(cfg(datasets=[{"name": "toy", "uri": str(write_samples(tmp_path / "s", photo_rows(2)))}])).datasets[0]
     ids = {"a": "img0000", "b": "img0001"}
     renamed = done.set_column(0, "sample_id", pa.array([ids[s] for s in done.column("sample_id").to_pylist()]))
-    assert missing_work(ds, ds.uri, ["gradcam"], renamed, ("label", "top1")) == {"img0001": ["gradcam|top1"]}
+    # img0000 misses nothing: the rows before and after it stay aligned with their work
+    assert missing_work(ds, ds.uri, ["gradcam"], renamed, ("label", "top1")).to_pydict() == {
+        "sample_id": ["img0001"], "todo": ["gradcam|top1"]}
 
 
 # ------------------------------------------------------------------------------------------
@@ -314,12 +316,13 @@ def test_a_study_run_resumes_per_target(tmp_path):
     [(ds, model, methods)] = first.plans()
     done = existing_rows(plan_uri(first.output, "s", ds.name, model.key))
     todo = missing_work(ds, samples, methods, done, ("label", "top1", "least"))
-    assert todo == {sid: ["fakecam|least", "gradcampp|least", "gradcampp:eps|least"] for sid in select_samples(ds, samples)}
+    assert todo.to_pydict() == {"sample_id": select_samples(ds, samples).to_pylist(),
+                                "todo": ["fakecam|least,gradcampp|least,gradcampp:eps|least"] * 4}
     df = pads.dataset(run_uri(raw["output"], "s"), format="parquet", partitioning=None).to_table().to_pandas()
     assert len(df) == 4 * 3 * 2 and not df.duplicated(["sample_id", "method", "target"]).any()
     assert set(zip(df.model, df.layer)) == {("test_efficientnet@conv_head", "conv_head")}
     assert (Path(raw["output"]) / "run=s" / "dataset=toy" / "model=test_efficientnet@conv_head").is_dir()
-    chosen = select_samples(load_config(raw).datasets[0], samples)
+    chosen = select_samples(load_config(raw).datasets[0], samples).to_pylist()
     assert set(df.sample_id) == set(chosen)
     top1 = df[df.target == "top1"]
     assert (top1.target_class == top1.pred).all()
