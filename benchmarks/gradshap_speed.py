@@ -28,6 +28,7 @@ import torch
 
 from benchmarks._stats import spread
 from opticam_core import explain, load_model
+from opticam_core.methods.base import loop_chunk
 from opticam_core.methods.gradshap import CPU_CHUNK, GPU_CHUNK
 
 from .extremal_quality import DATA, load_photo, photos
@@ -90,7 +91,8 @@ def main(argv=None):
             labels = bundle.model(x).argmax(1)
         source = "skimage.data"
     B, n = len(x), args.samples
-    chunk = args.batch_size or (GPU_CHUNK if device.type == "cuda" else CPU_CHUNK)
+    chunk = loop_chunk(bundle.model, x, CPU_CHUNK, GPU_CHUNK, args.batch_size, total=B * n, copies=5,
+                       grad=True)  # the method's own
     rows, row_labels = x.repeat_interleave(n, 0), labels.repeat_interleave(n)
 
     def sync():

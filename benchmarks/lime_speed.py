@@ -32,6 +32,7 @@ import torch
 
 from benchmarks._stats import spread
 from opticam_core import explain, load_model
+from opticam_core.methods.base import loop_chunk
 from opticam_core.methods.lime_superpixels import segment
 from opticam_core.methods.perturbation import CPU_CHUNK, GPU_CHUNK
 
@@ -71,8 +72,8 @@ def lime_per_photo(bundle, x: torch.Tensor, labels: torch.Tensor, samples: int) 
 
 def floor(bundle, x: torch.Tensor, samples: int) -> None:
     """samples forwards per photo, in the chunks ours uses (the photos themselves stand in)."""
-    chunk = GPU_CHUNK if x.device.type == "cuda" else CPU_CHUNK
     total = len(x) * samples
+    chunk = loop_chunk(bundle.model, x, CPU_CHUNK, GPU_CHUNK, total=total, copies=3.5)  # LIME's own
     with torch.no_grad():
         for start in range(0, total, chunk):
             idx = torch.arange(start, min(start + chunk, total)) % len(x)

@@ -128,9 +128,10 @@ def bench_model(name, bundle, device, batch, args):
         with capture(bundle.target) as cap:
             bundle.model(xs[:1])
         K = bundle.features(cap.output).shape[1]
+    from opticam_core.methods.base import loop_chunk
     from opticam_core.methods.perturbation import CPU_CHUNK, GPU_CHUNK
 
-    chunk = GPU_CHUNK if device.type == "cuda" else CPU_CHUNK  # the chunk Score-CAM uses
+    chunk = loop_chunk(bundle.model, xs, CPU_CHUNK, GPU_CHUNK, total=n * K, copies=2.5)  # Score-CAM's own
     floor_sc = timeit(forwards(bundle, xs, n * K, chunk), device, repeat=1)
     sc = timeit(lambda: explain(bundle, xs, ts, "scorecam"), device, repeat=1)
     print(row(f"scorecam ({n} images x {K} channels)", sc, n, floor_sc,
