@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from benchmarks._stats import spread
+from benchmarks._stats import interleaved, spread, sync
 from opticam_core import explain, load_model
 from opticam_core.methods import transformer_lrp as lrp
 
@@ -48,10 +48,6 @@ def main(argv=None):
     with torch.no_grad():
         labels = model(x).argmax(1)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def forward():
         with torch.no_grad():
             model(x)
@@ -71,19 +67,15 @@ def main(argv=None):
           f"torch threads {torch.get_num_threads()}")
     for fn in contenders.values():  # warm-up: allocator, lazy imports, oneDNN/cuDNN kernels
         fn()
-    times = {name: [] for name in contenders}
-    print(f"\nrepeat  {'  '.join(f'{c:>8}' for c in contenders)}   (s)   rawatt/fwd  rollout/fwd  tibav/fwd+bwd")
-    for r in range(args.repeats):
-        for name, fn in contenders.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
+
+    def row(r, times, _cpu):
         last = {c: times[c][-1] for c in contenders}
         print(f"{r:>6}  {'  '.join(f'{last[c]:7.3f}s' for c in contenders)}        "
               f"{last['rawatt'] / last['forward']:10.3f}  {last['rollout'] / last['forward']:11.3f}  "
               f"{last['tibav'] / last['fwd+bwd']:13.3f}")
+
+    print(f"\nrepeat  {'  '.join(f'{c:>8}' for c in contenders)}   (s)   rawatt/fwd  rollout/fwd  tibav/fwd+bwd")
+    times, _ = interleaved(contenders, args.repeats, device=device, after_repeat=row)
     ratio = {m: [a / f for a, f in zip(times[m], times[floor])]
              for m, floor in (("rawatt", "forward"), ("rollout", "forward"), ("tibav", "fwd+bwd"))}
     print(f"rawatt / forward:   median {spread(ratio['rawatt'])}   (target <= 1.2)")
@@ -92,19 +84,19 @@ def main(argv=None):
 
     parts = {"recorded forward": [], "backward to A": [], "LRP pass": []}
     for _ in range(args.repeats):
-        sync()
+        sync(device)
         t0 = time.perf_counter()
         with lrp.record(net, 0) as rec, torch.enable_grad():
             logits = model(x)
-        sync()
+        sync(device)
         t1 = time.perf_counter()
         torch.autograd.grad(logits.gather(1, labels[:, None]).sum(), [b.attn for b in rec.blocks.values()])
-        sync()
+        sync(device)
         t2 = time.perf_counter()
         for b in rec.blocks.values():
             b.attn = b.attn.detach()
         lrp.relevance(net, rec, labels)
-        sync()
+        sync(device)
         t3 = time.perf_counter()
         for name, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
             parts[name].append(dt)

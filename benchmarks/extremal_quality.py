@@ -42,6 +42,7 @@ import json
 import math
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -68,9 +69,11 @@ def load_photo(path: Path) -> torch.Tensor:
     return preprocess(decode_image(str(path), mode=ImageReadMode.RGB))
 
 
-def torchray_run(model, x: torch.Tensor, label: int, iterations: int, nudged: bool = False):
-    """TorchRay on one photo: its H×W mask, final reward and final area term; `nudged`: with
-    its mask kernel's weights moved up by one ulp."""
+@contextmanager
+def torchray_extremal(nudged: bool = False):
+    """TorchRay's `extremal_perturbation` function, its deprecation warnings silenced; `nudged`:
+    with its mask kernel's weights moved up by one ulp (what a change of float rounding does to
+    it: the chaos reference). tests/test_extremal.py uses it too."""
     from torchray.attribution import extremal_perturbation as ep
 
     class NudgedMaskGenerator(ep.MaskGenerator):
@@ -83,9 +86,16 @@ def torchray_run(model, x: torch.Tensor, label: int, iterations: int, nudged: bo
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchRay's deprecated meshgrid call
-            mask, hist = ep.extremal_perturbation(model, x[None], label, areas=[0.1], max_iter=iterations)
+            yield ep.extremal_perturbation
     finally:
         ep.MaskGenerator = original
+
+
+def torchray_run(model, x: torch.Tensor, label: int, iterations: int, nudged: bool = False):
+    """TorchRay on one photo: its H×W mask, final reward and final area term; `nudged`: with
+    its mask kernel's weights moved up by one ulp."""
+    with torchray_extremal(nudged) as extremal_perturbation:
+        mask, hist = extremal_perturbation(model, x[None], label, areas=[0.1], max_iter=iterations)
     return mask[0, 0], float(hist[0, 0, -1]), float(hist[0, 1, -1])
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._stats import spread
+from benchmarks._stats import interleaved, spread
 from opticam_core import explain, load_model
 from opticam_core.methods.extremal import (
     AreaRegulariser,
@@ -38,14 +38,11 @@ from opticam_core.methods.extremal import (
     perturbation_pyramid,
 )
 
-from .extremal_quality import DATA, load_photo, photos
+from .extremal_quality import DATA, load_photo, photos, torchray_extremal
 
 
 def torchray_all(model, x, labels, iterations):
-    from torchray.attribution.extremal_perturbation import extremal_perturbation
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TorchRay's deprecated meshgrid call
+    with torchray_extremal() as extremal_perturbation:
         for i, label in enumerate(labels):
             extremal_perturbation(model, x[i:i + 1], label, areas=[0.1], max_iter=iterations)
 
@@ -62,16 +59,13 @@ def whole_runs(bundle, x, labels, iterations, repeats):
         "torchray": lambda: torchray_all(bundle.model, x, labels.tolist(), iterations),
         "floor": lambda: [forward_backward(bundle.model, x, labels) for _ in range(iterations)],
     }
-    times = {name: [] for name in contenders}
-    print(f"\nrepeat  {'  '.join(f'{n:>9}' for n in contenders)}   default/torchray  default/floor")
-    for r in range(repeats):
-        for name, fn in contenders.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    def row(r, times, _cpu):
         last = {n: times[n][-1] for n in contenders}
         print(f"{r:>6}  {'  '.join(f'{last[n]:8.1f}s' for n in contenders)}   "
               f"{last['default'] / last['torchray']:16.3f}  {last['default'] / last['floor']:13.3f}")
+
+    print(f"\nrepeat  {'  '.join(f'{n:>9}' for n in contenders)}   default/torchray  default/floor")
+    times, _ = interleaved(contenders, repeats, after_repeat=row)
     vs_peer = [d / t for d, t in zip(times["default"], times["torchray"])]
     vs_floor = [d / f for d, f in zip(times["default"], times["floor"])]
     print(f"default / torchray: median {spread(vs_peer)}   (target <= 0.6)")

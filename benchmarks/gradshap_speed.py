@@ -21,12 +21,11 @@ ours / floor, then their median and spread (min–max).
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks._stats import spread
+from benchmarks._stats import interleaved, spread
 from opticam_core import explain, load_model
 from opticam_core.methods.base import loop_chunk
 from opticam_core.methods.gradshap import CPU_CHUNK, GPU_CHUNK
@@ -95,10 +94,6 @@ def main(argv=None):
                        grad=True)  # the method's own
     rows, row_labels = x.repeat_interleave(n, 0), labels.repeat_interleave(n)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     contenders = {
         "ours": lambda: explain(bundle, x, labels, "gradshap", n_samples=n, batch_size=args.batch_size),
         "captum": lambda: captum_all(bundle.model, x, labels.tolist(), n),
@@ -108,21 +103,14 @@ def main(argv=None):
           f"torch threads {torch.get_num_threads()}, {chunk} pairs per forward")
     for fn in contenders.values():  # warm-up: allocator, lazy imports, oneDNN/cuDNN kernels
         fn()
-    times = {name: [] for name in contenders}
-    print(f"\nrepeat  {'  '.join(f'{c:>9}' for c in contenders)}   (s per photo)  ours/captum  ours/floor")
-    names = list(contenders)
-    for r in range(args.repeats):
-        # The order rotates too: whoever runs right after another may inherit its allocator state.
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            fn = contenders[name]
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append((time.perf_counter() - t0) / B)
+
+    def row(r, times, _cpu):
         last = {c: times[c][-1] for c in contenders}
         print(f"{r:>6}  {'  '.join(f'{last[c]:8.3f}s' for c in contenders)}                "
               f"{last['ours'] / last['captum']:11.3f}  {last['ours'] / last['floor']:10.3f}")
+
+    print(f"\nrepeat  {'  '.join(f'{c:>9}' for c in contenders)}   (s per photo)  ours/captum  ours/floor")
+    times, _ = interleaved(contenders, args.repeats, per=B, rotate=True, device=device, after_repeat=row)
     vs_peer = [o / c for o, c in zip(times["ours"], times["captum"])]
     vs_floor = [o / f for o, f in zip(times["ours"], times["floor"])]
     print(f"ours / captum: median {spread(vs_peer)}   (target <= 1: batched at least as fast per photo)")

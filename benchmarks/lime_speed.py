@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks._stats import spread
+from benchmarks._stats import interleaved, spread
 from opticam_core import explain, load_model
 from opticam_core.methods.base import loop_chunk
 from opticam_core.methods.lime_superpixels import segment
@@ -87,21 +87,16 @@ def whole_runs(bundle, x, labels, samples, repeats, names):
         "floor": lambda: floor(bundle, x, samples),
     }
     contenders = {n: contenders[n] for n in names}
-    wall = {n: [] for n in contenders}
-    cpu = {n: [] for n in contenders}
-    n = len(x)
     ratios = [("lime / ours", "lime", "ours"), ("ours / floor", "ours", "floor")]
     ratios = [r for r in ratios if r[1] in contenders and r[2] in contenders]
     print(f"\nseconds per photo, wall (CPU time of this process: less sensitive to other processes' load)\n"
           f"repeat  {'  '.join(f'{k:>16}' for k in contenders)}   " + "  ".join(f"{r[0]:>12}" for r in ratios))
-    for rep in range(repeats):
-        for name, fn in contenders.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            wall[name].append((time.perf_counter() - t0) / n)
-            cpu[name].append((time.process_time() - c0) / n)
+
+    def row(rep, wall, cpu):
         print(f"{rep:>6}  {'  '.join(f'{wall[k][-1]:6.2f}s ({cpu[k][-1]:6.2f}s)' for k in contenders)}   "
               + "  ".join(f"{wall[a][-1] / wall[b][-1]:12.3f}" for _, a, b in ratios))
+
+    wall, cpu = interleaved(contenders, repeats, per=len(x), after_repeat=row)
     for k in contenders:
         print(f"{k:<13} s/photo, wall: median {spread(wall[k])}   CPU: median {spread(cpu[k])}")
     for label, a, b in ratios:

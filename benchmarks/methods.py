@@ -26,13 +26,9 @@ import time
 
 import torch
 
+from benchmarks._stats import sync
 from opticam_core import explain, load_model
 from opticam_core.methods import GRADIENT_METHODS
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timeit(fn, device, repeat=3, warmup=1) -> float:

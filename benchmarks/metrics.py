@@ -17,21 +17,17 @@ import time
 
 import torch
 
+from benchmarks._stats import sync
 from opticam_core import load_model
 from opticam_core import metrics as M
 from opticam_core.metrics._forward import resolve_batch_size
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn, device) -> float:
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 

@@ -25,20 +25,15 @@ adcc / adcc_floor (their median and spread).
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 
+from benchmarks._stats import interleaved, spread
 from opticam_core import explain, load_model
 from opticam_core.metrics import compute
 
-from .gradshap_speed import skimage_batch, spread
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+from .gradshap_speed import skimage_batch
 
 
 def main(argv=None):
@@ -95,16 +90,10 @@ def main(argv=None):
     contenders = {"ms": ms, "quantus": quantus_ms, "ms_floor": ms_floor, "adcc": adcc, "adcc_floor": adcc_floor}
     make_map()  # warm-up
     names = list(contenders)
-    seconds = {k: [] for k in names}
     print(f"{len(x)} photos, {method}, {S} samples, device {args.device}, {torch.get_num_threads()} threads")
-    for r in range(args.repeats):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            _sync(args.device)
-            t0 = time.perf_counter()
-            contenders[k]()
-            _sync(args.device)
-            seconds[k].append((time.perf_counter() - t0) / len(x))
-        print(f"repeat {r}: " + "  ".join(f"{k} {seconds[k][-1]:.3f}s" for k in names))
+    seconds, _ = interleaved(contenders, args.repeats, per=len(x), rotate=True, device=args.device,
+                             after_repeat=lambda r, wall, _cpu: print(
+                                 f"repeat {r}: " + "  ".join(f"{k} {wall[k][-1]:.3f}s" for k in names)))
     ratio = {"ms / quantus": ("ms", "quantus"), "ms / ms_floor": ("ms", "ms_floor"),
              "adcc / adcc_floor": ("adcc", "adcc_floor")}
     for label, (a, b) in ratio.items():

@@ -5,13 +5,13 @@ TorchRay itself where it is installed."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.extremal_quality import torchray_extremal
 from opticam_core import explain
 from opticam_core.methods.extremal import (
     AreaRegulariser,
@@ -320,21 +320,9 @@ def test_options_are_validated():
 def torchray_masks(bundle, x, targets, nudged=False, **kw):
     """TorchRay's masks and history, one image at a time; `nudged`: with its mask kernel's weights
     moved up by one ulp (what a change of float rounding does to it)."""
-    ep = require("torchray.attribution.extremal_perturbation")
-
-    class NudgedMaskGenerator(ep.MaskGenerator):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.weight = torch.nextafter(self.weight, torch.full_like(self.weight, 2.0))
-
-    original = ep.MaskGenerator
-    ep.MaskGenerator = NudgedMaskGenerator if nudged else original
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = [ep.extremal_perturbation(bundle.model, x[i:i + 1], int(t), **kw) for i, t in enumerate(targets)]
-    finally:
-        ep.MaskGenerator = original
+    require("torchray.attribution.extremal_perturbation")
+    with torchray_extremal(nudged) as extremal_perturbation:
+        out = [extremal_perturbation(bundle.model, x[i:i + 1], int(t), **kw) for i, t in enumerate(targets)]
     masks = torch.stack([m[:, 0] for m, _ in out])
     hist = torch.stack([h for _, h in out])  # B×A×(reward, regul)×T
     return masks, hist
