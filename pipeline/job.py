@@ -106,7 +106,7 @@ def result_parts(uri: str, *, repair: bool = True, drop_failed: bool = False,
     """
     # An explicit schema: files written before the `target` column existed read it as null
     # (= "label", below) instead of failing the read.
-    schema = pa.schema([RESULTS.field(c) for c in columns])
+    schema = _columns_schema(columns)
     fs = storage.filesystem(uri)[0]
 
     def read(file: str) -> pa.Table | None:
@@ -142,7 +142,11 @@ def existing_rows(uri: str, *, repair: bool = True, drop_failed: bool = False,
                   columns=KEY_COLUMNS) -> pa.Table:
     """All of `result_parts` as one table (a run's size in memory: for tests and small runs)."""
     parts = list(result_parts(uri, repair=repair, drop_failed=drop_failed, columns=columns))
-    return pa.concat_tables(parts) if parts else pa.schema([RESULTS.field(c) for c in columns]).empty_table()
+    return pa.concat_tables(parts) if parts else _columns_schema(columns).empty_table()
+
+
+def _columns_schema(columns) -> pa.Schema:
+    return pa.schema([RESULTS.field(c) for c in columns])
 
 
 def _label_default(table: pa.Table) -> pa.Table:
