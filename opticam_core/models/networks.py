@@ -108,22 +108,43 @@ def imagenet_classes() -> list[str]:
     return [info.index_to_description(i) for i in range(info.num_classes())]
 
 
+#: where torchvision's networks keep their linear classifier, first match wins
+HEAD_PATHS = ("fc", "classifier.6", "classifier.1", "classifier", "heads.head", "head")
+
+
+def head_path(net: nn.Module) -> str | None:
+    """The submodule path of a torchvision-style network's linear classifier (None: not found)."""
+    for path in HEAD_PATHS:
+        try:
+            module = net.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.Linear):
+            return path
+    return None
+
+
+def classifier(net: nn.Module) -> nn.Module | None:
+    """The network's classifier head: timm's own `get_classifier()`, else the Linear at `head_path`."""
+    if hasattr(net, "get_classifier"):  # timm
+        return net.get_classifier()
+    path = head_path(net)
+    return net.get_submodule(path) if path is not None else None
+
+
 def replace_head(net: nn.Module, num_classes: int) -> None:
     """A new linear classifier with `num_classes` outputs in place of the network's own."""
     if hasattr(net, "reset_classifier"):  # timm
         net.reset_classifier(num_classes)
         return
-    for path in ("fc", "classifier.6", "classifier.1", "classifier", "heads.head", "head"):
-        try:
-            old = net.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(old, nn.Linear):
-            parent, _, leaf = path.rpartition(".")
-            setattr(net.get_submodule(parent) if parent else net, leaf,
-                    nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
-            return
-    raise ModelError(f"cannot find a linear classifier head in {type(net).__name__} to resize to {num_classes} classes")
+    path = head_path(net)
+    if path is None:
+        raise ModelError(f"cannot find a linear classifier head in {type(net).__name__} to resize to "
+                         f"{num_classes} classes")
+    old = net.get_submodule(path)
+    parent, _, leaf = path.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, leaf,
+            nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
 
 
 def timm_normalisation(net: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:

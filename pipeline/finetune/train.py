@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opticam_core import load_model
+from opticam_core.models.networks import classifier
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.data import DataError, load_split
 
@@ -129,19 +130,8 @@ def read_state(uri: str) -> dict:
 
 
 def head_names(net: nn.Module) -> set[str]:
-    """Parameter names of the last linear classifier (`replace_head`'s choice of head)."""
-    head = None
-    if hasattr(net, "get_classifier"):  # timm
-        head = net.get_classifier()
-    else:
-        for path in ("fc", "classifier.6", "classifier.1", "classifier", "heads.head", "head"):
-            try:
-                module = net.get_submodule(path)
-            except AttributeError:
-                continue
-            if isinstance(module, nn.Linear):
-                head = module
-                break
+    """Parameter names of the classifier head (the one `replace_head` replaced)."""
+    head = classifier(net)
     if head is None or not list(head.parameters()):
         raise DataError(f"stages: cannot find the linear classifier of {type(net).__name__} to train alone; "
                         "use `train: all`")
