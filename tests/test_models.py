@@ -318,3 +318,21 @@ def test_meta_network_is_the_architecture_load_model_builds_without_weights():
     for net in (vgg, lite0):
         assert all(p.is_meta for p in net.parameters())
     assert meta_network("no_such_network") is None
+
+
+@pytest.mark.parametrize("name, path, features", [("resnet50", "fc", 2048), ("vgg16", "classifier.6", 4096),
+                                                  ("vit_b_16", "heads.head", 768), ("densenet121", "classifier", 1024)])
+def test_the_head_found_and_replaced_is_the_last_linear_layer(name, path, features):
+    """One lookup serves the resize (`replace_head`) and fine-tuning's head-only stage (`classifier`)."""
+    from opticam_core.models.networks import classifier, head_path, replace_head
+    from opticam_core.models.zoo import meta_network
+
+    net = meta_network(name)
+    assert head_path(net) == path and classifier(net) is net.get_submodule(path)
+    with torch.device("meta"):
+        replace_head(net, 7)
+    assert classifier(net).out_features == 7 and classifier(net).in_features == features
+    last = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert classifier(net) is last
+    with pytest.raises(Exception, match="cannot find a linear classifier head in Sequential"):
+        replace_head(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1)), 2)
