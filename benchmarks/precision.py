@@ -54,13 +54,16 @@ def photos(n: int, folder: Path = SAMPLE) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run(bundle, x, y, method, options, name, batch):
-    """Maps and per-image metric values of one precision, batch by batch, and the seconds spent."""
+    """Maps and per-image metric values of one precision, batch by batch, and the seconds spent.
+    name: a precision for both, or `METHODS/METRICS` (`bf16/fp32`: the maps in bf16, their
+    metrics in fp32)."""
+    explain_in, _, metrics_in = name.partition("/")
     maps, values, seconds = [], [], 0.0
     for s in range(0, len(x), batch):
         xb, yb = x[s:s + batch], y[s:s + batch]
         t0 = time.perf_counter()
-        m = explain(bundle, xb, yb, method, precision=name, **options).maps
-        v = compute(bundle, xb, yb, m, which=METRICS, precision=name)
+        m = explain(bundle, xb, yb, method, precision=explain_in, **options).maps
+        v = compute(bundle, xb, yb, m, which=METRICS, precision=metrics_in or explain_in)
         seconds += time.perf_counter() - t0
         maps.append(m)
         values.append({k: v[k].cpu().numpy() for k in ("p", "o", "insertion", "deletion")})
@@ -119,7 +122,8 @@ def main(argv=None) -> None:
     ap.add_argument("--photos", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--precisions", default="fp32,bf16", help="the first is the reference")
+    ap.add_argument("--precisions", default="fp32,bf16",
+                    help="the first is the reference; METHODS/METRICS (bf16/fp32) splits a run's two parts")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--resamples", type=int, default=2000)
@@ -139,14 +143,14 @@ def main(argv=None) -> None:
           f"(×100), paired bootstrap 95% interval ({args.resamples} resamples); ±h1000 = half-width of "
           f"the {names[0]} value's interval at 1,000 images")
     print(f"cheap settings: {METHODS['opticam']=}, {METHODS['extremal']=}, {METRICS['insertion_deletion']=}")
-    speed = network_speed(bundle, x[:args.batch], names)
+    speed = network_speed(bundle, x[:args.batch], list(dict.fromkeys(n.partition("/")[0] for n in names)))
     ref = speed[names[0]]
     print("network pass, batch", len(x[:args.batch]), ", median of 5 interleaved rounds: "
           + "; ".join(f"{n}: forward {f * 1e3:.0f} ms ({f / ref[0]:.2f}×), forward+backward {fb * 1e3:.0f} ms "
                       f"({fb / ref[1]:.2f}×)" for n, (f, fb) in speed.items()))
     if args.speed_only:
         return
-    for name in names:  # first calls (oneDNN's kernel choice, allocations) stay out of the timings
+    for name in dict.fromkeys(n.partition("/")[0] for n in names):  # first calls (oneDNN's kernel choice, allocations) stay out of the timings
         run(bundle, x[:2], y[:2], "gradcam", {}, name, 2)
     for method in args.methods.split(","):
         options = METHODS.get(method, {})
