@@ -14,7 +14,9 @@ precision runs the whole chain as a run would (`explain` and `metrics.compute` w
   a candidate default only where |Δ| and its interval stay inside it (issue 14: fidelity first).
 - the wall time of bf16 over fp32 (methods and metrics), on this device.
 
-tf32 is fp32 on a CPU (no TF32 units): it is measured only on CUDA (`--precisions fp32,tf32,bf16`).
+tf32 is fp32 on a CPU (no TF32 units): it is measured on CUDA (`--precisions fp32,tf32,bf16`), and
+its numerics anywhere as `tf32-emulated`: every Conv2d and Linear of the network computed as TF32
+tensor cores do (`emulated_tf32`). Its times say nothing (the rounding costs extra work).
 Photos: ../shared/data/imagenet-sample (500 photos, one per even class; not in a fresh clone),
 resize 256, centre crop 224, the label as target. Cheap settings, to fit minutes on a CPU:
 Opti-CAM 20 iterations (default 100), extremal 20 iterations (default 800), insertion/deletion
@@ -27,7 +29,9 @@ from __future__ import annotations
 import argparse
 import csv
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -53,20 +57,76 @@ def photos(n: int, folder: Path = SAMPLE) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(images), torch.tensor([int(r["class_index"]) for r in rows])
 
 
+EMULATED = "tf32-emulated"
+
+
+def tf32_round(t: torch.Tensor) -> torch.Tensor:
+    """float32 → the nearest value with TF32's 10-bit mantissa (ties away from zero), as float32.
+    (A kernel that truncates instead errs up to twice as much: this is the kinder case.)"""
+    return ((t.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)  # any strides: same item size
+
+
+class _RoundInput(torch.autograd.Function):
+    """TF32 rounding of an operand in the forward; the gradient passes through (the rounding of
+    the gradient that meets the layer's weight is the output hook's)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return tf32_round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+@contextmanager
+def emulated_tf32(model: torch.nn.Module) -> Iterator[None]:
+    """While open, every Conv2d and Linear of `model` computes as on TF32 tensor cores: both
+    operands rounded to a 10-bit mantissa, products summed in float32 — the weights and inputs in
+    the forward, the incoming gradient (against the rounded weights) in the backward. Weights
+    are restored on exit. Convolutions outside the network (the metrics' blur) stay fp32, which
+    on a GPU with the tf32 flags on they would not."""
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    saved = [m.weight.detach().clone() for m in layers]
+
+    def pre(_m, args):
+        return (_RoundInput.apply(args[0]), *args[1:])
+
+    def post(_m, _args, out):
+        if out.requires_grad:
+            out.register_hook(tf32_round)
+
+    handles = []
+    try:
+        with torch.no_grad():
+            for m in layers:
+                m.weight.copy_(tf32_round(m.weight))
+                handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for m, w in zip(layers, saved):
+                m.weight.copy_(w)
+
+
 def run(bundle, x, y, method, options, name, batch):
     """Maps and per-image metric values of one precision, batch by batch, and the seconds spent.
     name: a precision for both, or `METHODS/METRICS` (`bf16/fp32`: the maps in bf16, their
     metrics in fp32)."""
-    explain_in, _, metrics_in = name.partition("/")
+    emulated = name == EMULATED
+    explain_in, _, metrics_in = ("fp32" if emulated else name).partition("/")
     maps, values, seconds = [], [], 0.0
-    for s in range(0, len(x), batch):
-        xb, yb = x[s:s + batch], y[s:s + batch]
-        t0 = time.perf_counter()
-        m = explain(bundle, xb, yb, method, precision=explain_in, **options).maps
-        v = compute(bundle, xb, yb, m, which=METRICS, precision=metrics_in or explain_in)
-        seconds += time.perf_counter() - t0
-        maps.append(m)
-        values.append({k: v[k].cpu().numpy() for k in ("p", "o", "insertion", "deletion")})
+    with emulated_tf32(bundle.model) if emulated else nullcontext():
+        for s in range(0, len(x), batch):
+            xb, yb = x[s:s + batch], y[s:s + batch]
+            t0 = time.perf_counter()
+            m = explain(bundle, xb, yb, method, precision=explain_in, **options).maps
+            v = compute(bundle, xb, yb, m, which=METRICS, precision=metrics_in or explain_in)
+            seconds += time.perf_counter() - t0
+            maps.append(m)
+            values.append({k: v[k].cpu().numpy() for k in ("p", "o", "insertion", "deletion")})
     return torch.cat(maps), {k: np.concatenate([v[k] for v in values]) for k in values[0]}, seconds
 
 
@@ -123,7 +183,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--precisions", default="fp32,bf16",
-                    help="the first is the reference; METHODS/METRICS (bf16/fp32) splits a run's two parts")
+                    help="the first is the reference; METHODS/METRICS (bf16/fp32) splits a run's two parts; "
+                         f"{EMULATED}: TF32's numerics on any device")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--resamples", type=int, default=2000)
@@ -143,14 +204,15 @@ def main(argv=None) -> None:
           f"(×100), paired bootstrap 95% interval ({args.resamples} resamples); ±h1000 = half-width of "
           f"the {names[0]} value's interval at 1,000 images")
     print(f"cheap settings: {METHODS['opticam']=}, {METHODS['extremal']=}, {METRICS['insertion_deletion']=}")
-    speed = network_speed(bundle, x[:args.batch], list(dict.fromkeys(n.partition("/")[0] for n in names)))
+    passes = list(dict.fromkeys(n.partition("/")[0] for n in names if n != EMULATED))
+    speed = network_speed(bundle, x[:args.batch], passes)
     ref = speed[names[0]]
     print("network pass, batch", len(x[:args.batch]), ", median of 5 interleaved rounds: "
           + "; ".join(f"{n}: forward {f * 1e3:.0f} ms ({f / ref[0]:.2f}×), forward+backward {fb * 1e3:.0f} ms "
                       f"({fb / ref[1]:.2f}×)" for n, (f, fb) in speed.items()))
     if args.speed_only:
         return
-    for name in dict.fromkeys(n.partition("/")[0] for n in names):  # first calls (oneDNN's kernel choice, allocations) stay out of the timings
+    for name in passes:  # first calls (oneDNN's kernel choice, allocations) stay out of the timings
         run(bundle, x[:2], y[:2], "gradcam", {}, name, 2)
     for method in args.methods.split(","):
         options = METHODS.get(method, {})
