@@ -17,6 +17,8 @@ precision runs the whole chain as a run would (`explain` and `metrics.compute` w
 tf32 is fp32 on a CPU (no TF32 units): it is measured on CUDA (`--precisions fp32,tf32,bf16`), and
 its numerics anywhere as `tf32-emulated`: every Conv2d and Linear of the network computed as TF32
 tensor cores do (`emulated_tf32`). Its times say nothing (the rounding costs extra work).
+`fp32-ulp` is fp32 on the photos moved by one ulp: the Δ any float change makes (Opti-CAM and
+extremal are chaotic), the yardstick for the others' Δ of the iterative methods.
 Photos: ../shared/data/imagenet-sample (500 photos, one per even class; not in a fresh clone),
 resize 256, centre crop 224, the label as target. Cheap settings, to fit minutes on a CPU:
 Opti-CAM 20 iterations (default 100), extremal 20 iterations (default 800), insertion/deletion
@@ -58,6 +60,9 @@ def photos(n: int, folder: Path = SAMPLE) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 EMULATED = "tf32-emulated"
+#: fp32 on photos moved by one ulp: what any float change does (iterative methods are chaotic),
+#: the yardstick for the other precisions' Δ
+NUDGED = "fp32-ulp"
 
 
 def tf32_round(t: torch.Tensor) -> torch.Tensor:
@@ -116,6 +121,8 @@ def run(bundle, x, y, method, options, name, batch):
     name: a precision for both, or `METHODS/METRICS` (`bf16/fp32`: the maps in bf16, their
     metrics in fp32)."""
     emulated = name == EMULATED
+    if name == NUDGED:
+        x, name = torch.nextafter(x, torch.full_like(x, 2.0)), "fp32"
     explain_in, _, metrics_in = ("fp32" if emulated else name).partition("/")
     maps, values, seconds = [], [], 0.0
     with emulated_tf32(bundle.model) if emulated else nullcontext():
@@ -184,7 +191,7 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--precisions", default="fp32,bf16",
                     help="the first is the reference; METHODS/METRICS (bf16/fp32) splits a run's two parts; "
-                         f"{EMULATED}: TF32's numerics on any device")
+                         f"{EMULATED}: TF32's numerics on any device; {NUDGED}: fp32 on photos one ulp away")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--resamples", type=int, default=2000)
@@ -204,7 +211,7 @@ def main(argv=None) -> None:
           f"(×100), paired bootstrap 95% interval ({args.resamples} resamples); ±h1000 = half-width of "
           f"the {names[0]} value's interval at 1,000 images")
     print(f"cheap settings: {METHODS['opticam']=}, {METHODS['extremal']=}, {METRICS['insertion_deletion']=}")
-    passes = list(dict.fromkeys(n.partition("/")[0] for n in names if n != EMULATED))
+    passes = list(dict.fromkeys(n.partition("/")[0] for n in names if n not in (EMULATED, NUDGED)))
     speed = network_speed(bundle, x[:args.batch], passes)
     ref = speed[names[0]]
     print("network pass, batch", len(x[:args.batch]), ", median of 5 interleaved rounds: "

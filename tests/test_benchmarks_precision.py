@@ -20,14 +20,18 @@ def test_split_precision_run_on_two_photos(tmp_path, capsys):
         for name, label in (("chelsea", 285), ("coffee", 967)):
             Image.fromarray(getattr(skimage.data, name)()).save(tmp_path / f"{name}.png")
             w.writerow({"file": f"{name}.png", "class_index": label})
-    bench.main(["--photos", "2", "--batch", "2", "--methods", "fakecam", "--precisions", "fp32,bf16/fp32",
-                "--resamples", "10", "--folder", str(tmp_path)])
-    out = capsys.readouterr().out
+    bench.main(["--photos", "2", "--batch", "2", "--methods", "fakecam", "--precisions",
+                "fp32,bf16/fp32,tf32-emulated,fp32-ulp", "--resamples", "10", "--folder", str(tmp_path)])
+    sections = dict(re.findall(r"\nfakecam (\S+): (.*?)(?=\n\n|\Z)", capsys.readouterr().out, flags=re.S))
+    assert list(sections) == ["bf16/fp32", "tf32-emulated", "fp32-ulp"]
+    deltas = {name: dict(re.findall(r"Δ(AD|AG|AI|I|D) +([-+][0-9.]+)", text)) for name, text in sections.items()}
     # Fake-CAM's maps do not depend on the network, and the metrics ran in fp32 as the reference:
     # every number is the same (with the metrics in bf16, I and D move)
-    assert "fakecam bf16/fp32: map corr mean 1.0000" in out and "identical maps 2/2" in out
-    deltas = dict(re.findall(r"Δ(AD|AG|AI|I|D) +([-+][0-9.]+)", out))
-    assert deltas == {k: "+0.000" for k in ("AD", "AG", "AI", "I", "D")}
+    assert "map corr mean 1.0000" in sections["bf16/fp32"] and "identical maps 2/2" in sections["bf16/fp32"]
+    assert deltas["bf16/fp32"] == {k: "+0.000" for k in ("AD", "AG", "AI", "I", "D")}
+    # the others change the network's numerics (or its input) by a hair: tiny, but not nothing
+    for name in ("tf32-emulated", "fp32-ulp"):
+        assert set(deltas[name]) == {"AD", "AG", "AI", "I", "D"} and abs(float(deltas[name]["I"])) < 1
 
 
 def test_tf32_rounding_is_to_the_nearest_10_bit_mantissa():
