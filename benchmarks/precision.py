@@ -119,21 +119,30 @@ def emulated_tf32(model: torch.nn.Module) -> Iterator[None]:
 def run(bundle, x, y, method, options, name, batch):
     """Maps and per-image metric values of one precision, batch by batch, and the seconds spent.
     name: a precision for both, or `METHODS/METRICS` (`bf16/fp32`: the maps in bf16, their
-    metrics in fp32)."""
-    emulated = name == EMULATED
+    metrics in fp32; either part may be `tf32-emulated`)."""
     if name == NUDGED:
         x, name = torch.nextafter(x, torch.full_like(x, 2.0)), "fp32"
-    explain_in, _, metrics_in = ("fp32" if emulated else name).partition("/")
+    explain_in, _, metrics_in = name.partition("/")
+    metrics_in = metrics_in or explain_in
+
+    def numerics(part):  # (context, precision=) of one part
+        if part == EMULATED:
+            return emulated_tf32(bundle.model), "fp32"
+        return nullcontext(), part
+
     maps, values, seconds = [], [], 0.0
-    with emulated_tf32(bundle.model) if emulated else nullcontext():
-        for s in range(0, len(x), batch):
-            xb, yb = x[s:s + batch], y[s:s + batch]
-            t0 = time.perf_counter()
-            m = explain(bundle, xb, yb, method, precision=explain_in, **options).maps
-            v = compute(bundle, xb, yb, m, which=METRICS, precision=metrics_in or explain_in)
-            seconds += time.perf_counter() - t0
-            maps.append(m)
-            values.append({k: v[k].cpu().numpy() for k in ("p", "o", "insertion", "deletion")})
+    for s in range(0, len(x), batch):
+        xb, yb = x[s:s + batch], y[s:s + batch]
+        t0 = time.perf_counter()
+        context, prec = numerics(explain_in)
+        with context:
+            m = explain(bundle, xb, yb, method, precision=prec, **options).maps
+        context, prec = numerics(metrics_in)
+        with context:
+            v = compute(bundle, xb, yb, m, which=METRICS, precision=prec)
+        seconds += time.perf_counter() - t0
+        maps.append(m)
+        values.append({k: v[k].cpu().numpy() for k in ("p", "o", "insertion", "deletion")})
     return torch.cat(maps), {k: np.concatenate([v[k] for v in values]) for k in values[0]}, seconds
 
 
@@ -211,7 +220,7 @@ def main(argv=None) -> None:
           f"(×100), paired bootstrap 95% interval ({args.resamples} resamples); ±h1000 = half-width of "
           f"the {names[0]} value's interval at 1,000 images")
     print(f"cheap settings: {METHODS['opticam']=}, {METHODS['extremal']=}, {METRICS['insertion_deletion']=}")
-    passes = list(dict.fromkeys(n.partition("/")[0] for n in names if n not in (EMULATED, NUDGED)))
+    passes = [n for n in dict.fromkeys(n.partition("/")[0] for n in names) if n not in (EMULATED, NUDGED)]
     speed = network_speed(bundle, x[:args.batch], passes)
     ref = speed[names[0]]
     print("network pass, batch", len(x[:args.batch]), ", median of 5 interleaved rounds: "
