@@ -27,7 +27,7 @@ import torch
 
 from benchmarks._stats import interleaved, spread
 from opticam_core import explain, load_model
-from opticam_core.methods.base import loop_chunk
+from opticam_core.chunking import loop_chunk
 from opticam_core.methods.gradshap import CPU_CHUNK, GPU_CHUNK
 
 from .extremal_quality import DATA, load_photo, photos

@@ -32,7 +32,7 @@ import torch
 
 from benchmarks._stats import interleaved, spread
 from opticam_core import explain, load_model
-from opticam_core.methods.base import loop_chunk
+from opticam_core.chunking import loop_chunk
 from opticam_core.methods.lime_superpixels import segment
 from opticam_core.methods.perturbation import CPU_CHUNK, GPU_CHUNK
 

@@ -124,7 +124,7 @@ def bench_model(name, bundle, device, batch, args):
         with capture(bundle.target) as cap:
             bundle.model(xs[:1])
         K = bundle.features(cap.output).shape[1]
-    from opticam_core.methods.base import loop_chunk
+    from opticam_core.chunking import loop_chunk
     from opticam_core.methods.perturbation import CPU_CHUNK, GPU_CHUNK
 
     chunk = loop_chunk(bundle.model, xs, CPU_CHUNK, GPU_CHUNK, total=n * K, copies=2.5)  # Score-CAM's own

@@ -28,6 +28,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .precision import active
+
 log = logging.getLogger(__name__)
 
 #: Share of the device's free memory one chunk may take. The rest is headroom for what the
@@ -64,16 +66,6 @@ def _autocast_state(device: torch.device):
         return None
 
 
-def _precision_state():
-    # `opticam_core.precision` runs bf16 inside the model's forward, where `_autocast_state`
-    # cannot see it: its setting is part of what a measurement measured
-    try:
-        from .precision import active
-    except ImportError:
-        return None
-    return active()
-
-
 def measure_peak(fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, *, grad: bool) -> int:
     """Peak bytes that `fn(example)` (and, with `grad`, the backward to the example) adds on a
     CUDA device, beyond what was allocated before (the example included)."""
@@ -100,8 +92,10 @@ def item_bytes(model: nn.Module, example: torch.Tensor, *, fn: Callable | None =
     (`measure_peak` on `example`, one item) per model, `what`, item shape, dtype, autocast,
     precision setting and gradient mode, then served from the cache."""
     device = example.device
+    # `opticam_core.precision` runs bf16 inside the model's forward, where `_autocast_state`
+    # cannot see it: its setting (`active()`) is part of what a measurement measured
     key = (what, tuple(example.shape[1:]), example.dtype, str(device), bool(grad), _autocast_state(device),
-           _precision_state())
+           active())
     cache = _MEASURED.setdefault(model, {})
     if key not in cache:
         cache[key] = measure_peak(fn or model, example[:1], grad=grad)
@@ -136,6 +130,21 @@ def chunk_size(model: nn.Module, example: torch.Tensor, *, cpu: int, fallback: i
     else:
         size = fallback
     return max(1, min(size, limit)) if limit else max(1, size)
+
+
+def loop_chunk(model, example: torch.Tensor, default_cpu: int, default_gpu: int, requested: int | None = None, *,
+               total: int | None = None, copies: float = 2.0, grad: bool = False, fn=None,
+               what: str = "forward", device=None) -> int:
+    """Items per chunk of a loop over perturbed copies of `example`: `requested` as given;
+    `default_cpu` on the CPU; on a CUDA device, what fits in its free memory at the model's
+    measured memory per image (`grad`: with a backward to the input) plus `copies` image-sized
+    tensors the loop makes per item; `default_gpu` on other accelerators. fn: a pass other than
+    the model's (Ablation-CAM's tail on features). total: the loop's items (no chunk exceeds
+    it). device: where the loop runs (default: the example's). The methods, the metrics and the
+    benchmarks' floors size their chunks with it."""
+    extra = int(copies * example[0].numel() * example.element_size())
+    return chunk_size(model, example, cpu=default_cpu, fallback=default_gpu, requested=requested,
+                      grad=grad, extra_bytes=extra, fn=fn, what=what, limit=total, device=device)
 
 
 def with_halving(fn: Callable[[int], object], size: int, *, what: str = "chunk"):
@@ -182,4 +191,4 @@ def _release() -> None:
 
 
 __all__ = ["MAX_CHUNK", "MEMORY_FRACTION", "OutOfMemory", "by_memory", "chunk_size", "free_bytes",
-           "is_out_of_memory", "item_bytes", "measure_peak", "run_chunks", "with_halving"]
+           "is_out_of_memory", "item_bytes", "loop_chunk", "measure_peak", "run_chunks", "with_halving"]

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from pydantic import BaseModel
 
-from ..chunking import chunk_size
+from ..chunking import loop_chunk
 from ..hooks import capture
 from ..models import ModelBundle
 from ..options import as_json, as_kwargs
@@ -128,20 +128,6 @@ class Context:
         """`loop_chunk` for this context's model, on its images unless `example` is given."""
         return loop_chunk(self.model, self.images if example is None else example, default_cpu, default_gpu,
                           requested, total=total, copies=copies, grad=grad, fn=fn, what=what)
-
-
-def loop_chunk(model, example: torch.Tensor, default_cpu: int, default_gpu: int, requested: int | None = None, *,
-               total: int | None = None, copies: float = 2.0, grad: bool = False, fn=None,
-               what: str = "forward") -> int:
-    """Items per chunk of a loop over perturbed copies of `example` (`opticam_core.chunking`):
-    `requested` as given; `default_cpu` on the CPU; on a CUDA device, what fits in its free
-    memory at the model's measured memory per image (`grad`: with a backward to the input) plus
-    `copies` image-sized tensors the loop makes per item; `default_gpu` on other accelerators.
-    fn: a pass other than the model's (Ablation-CAM's tail on features). total: the loop's
-    items (no chunk exceeds it). The benchmarks size their floors' chunks with it too."""
-    extra = int(copies * example[0].numel() * example.element_size())
-    return chunk_size(model, example, cpu=default_cpu, fallback=default_gpu, requested=requested,
-                      grad=grad, extra_bytes=extra, fn=fn, what=what, limit=total)
 
 
 def run_method(key: str, ctx: Context, options: BaseModel) -> Explanation:

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from ..chunking import chunk_size, run_chunks
+from ..chunking import loop_chunk, run_chunks
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -53,6 +53,5 @@ def resolve_batch_size(batch_size: int | None, device, *, model=None, example: t
         return int(batch_size)
     if model is None or example is None or torch.device(device).type != "cuda" or example.numel() == 0:
         return default_batch_size(device)
-    extra = int(copies * example[0].numel() * example.element_size())
-    return chunk_size(model, example, cpu=default_batch_size("cpu"), fallback=default_batch_size(device),
-                      extra_bytes=extra, limit=total, device=device)
+    return loop_chunk(model, example, default_batch_size("cpu"), default_batch_size(device), total=total,
+                      copies=copies, device=device)
