@@ -76,7 +76,7 @@ def photos(batch: int, device) -> torch.Tensor:
     with it what Score-CAM can skip, is that of real images, not of noise."""
     from opticam_core.metrics import preprocess
     from pipeline.demo.samples import demo_rows
-    from pipeline.evaluate import decode_image
+    from pipeline.images import decode_image
 
     rows = demo_rows()
     return torch.stack([preprocess(decode_image(rows[i % len(rows)]["image"])) for i in range(batch)]).to(device)

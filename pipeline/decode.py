@@ -49,9 +49,14 @@ REPLACED = ("image", "boxes")
 _ERROR_LIMIT = 2000  # characters of an error message kept in a row
 
 
-def short_error(err: BaseException) -> str:
+def short_text(text: str) -> str:
+    """An error message as a row keeps it: redacted, at most `_ERROR_LIMIT` characters."""
     # rows are shared and published: an S3 error can quote a credential or a signed URL
-    return redact(f"{type(err).__name__}: {err}")[:_ERROR_LIMIT]
+    return redact(text)[:_ERROR_LIMIT]
+
+
+def short_error(err: BaseException) -> str:
+    return short_text(f"{type(err).__name__}: {err}")
 
 
 def geometry(model: Mapping, preprocess_spec: Mapping | None = None) -> dict:
@@ -161,4 +166,5 @@ def _views(column: pa.ChunkedArray) -> list[np.ndarray | None]:
     return out
 
 
-__all__ = ["PIXEL_DTYPE", "PREPARED", "decode_batch", "geometry", "is_prepared", "prepare_sample", "unpack"]
+__all__ = ["PIXEL_DTYPE", "PREPARED", "decode_batch", "geometry", "is_prepared", "prepare_sample", "short_error",
+           "short_text", "unpack"]

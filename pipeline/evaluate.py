@@ -32,14 +32,10 @@ from opticam_core.metrics import group_options
 from opticam_core.precision import check_precision, precision
 
 from .config import TARGETS, method_base
-from .decode import is_prepared, prepare_sample, unpack
-from .images import decode_image  # noqa: F401  (the decoder callers know from here)
+from .decode import is_prepared, prepare_sample, short_error, short_text, unpack
 from .schema import FIELDS, RESULTS, todo_entry
-from .storage import redact
 
 log = logging.getLogger(__name__)
-
-_ERROR_LIMIT = 2000  # characters of an error message kept in a row
 
 
 def encode_png(map_: np.ndarray) -> bytes:
@@ -58,15 +54,6 @@ class Prepared:
     boxes: list[torch.Tensor]    # per image, m×4 in preprocessed pixels
     dropped: list[int]           # per image, boxes the crop left with no area
     failed: dict[int, str]       # position → error message
-
-
-def _short(err: BaseException) -> str:
-    return _short_text(f"{type(err).__name__}: {err}")
-
-
-def _short_text(text: str) -> str:
-    # rows are shared and published: an S3 error can quote a credential or a signed URL
-    return redact(text)[:_ERROR_LIMIT]
 
 
 class Evaluator:
@@ -131,7 +118,7 @@ class Evaluator:
             try:
                 x, kept, n_dropped = prepare_sample(data, bxs, resize=resize, size=size)
             except Exception as err:  # one bad sample must not cost the batch
-                failed[i] = _short(err)
+                failed[i] = short_error(err)
                 continue
             index.append(i)
             tensors.append(x)
@@ -143,7 +130,7 @@ class Evaluator:
     def prepared(self, table: pa.Table) -> Prepared:
         """Samples the job's decode stage prepared (`pipeline.decode.decode_batch`)."""
         images, boxes, dropped, errors = unpack(table, self.bundle.input_size)
-        failed = {i: _short_text(e) for i, e in enumerate(errors) if e is not None}
+        failed = {i: short_text(e) for i, e in enumerate(errors) if e is not None}
         index = [i for i in range(len(images)) if i not in failed]
         # one copy out of the block's (read-only, shared) memory; numpy's stack is ~5× faster than
         # torch's on one thread (9 vs 48 ms for 32 images at 224×224)
@@ -178,7 +165,7 @@ class Evaluator:
             return {k: (res[b], {}) for k, b in zip(methods, bases)}
         except Exception as err:
             log.warning("%s × %s: explaining %d images with %s together failed (%s); retrying each method alone",
-                        self.dataset, self.model_key, images.shape[0], ", ".join(methods), _short(err))
+                        self.dataset, self.model_key, images.shape[0], ", ".join(methods), short_error(err))
         out = {}
         for key in methods:
             try:
@@ -195,7 +182,7 @@ class Evaluator:
                                      **self.methods[key]))
             except Exception as err:
                 parts.append(None)
-                errors[j] = _short(err)
+                errors[j] = short_error(err)
         return _stack(key, parts, images), errors
 
     def __call__(self, batch: pa.Table | Mapping) -> pa.Table:
@@ -277,7 +264,7 @@ class Evaluator:
                     method_free = method_free or {k: values[k] for k in ("o_box", "o_not_box")}
                     values.update(method_free)
             except Exception as err:
-                values, errors, metric_errors = None, {j: _short(err) for j in range(len(positions))}, {}
+                values, errors, metric_errors = None, {j: short_error(err) for j in range(len(positions))}, {}
             per_image = _to_numpy({**(values or {}), **expl.extras, "boxes_dropped": dropped})
             maps = expl.maps.detach().float().cpu().numpy() if self.save_maps else None
             seconds = expl.seconds / len(positions)
@@ -287,7 +274,7 @@ class Evaluator:
                 if j in errors:
                     rows.error(i, key, errors[j], target, target_class[j])
                     continue
-                failed = "; ".join(f"{group}: {_short_text(msgs[j])}" for group, msgs in metric_errors.items() if msgs[j])
+                failed = "; ".join(f"{group}: {short_text(msgs[j])}" for group, msgs in metric_errors.items() if msgs[j])
                 rows.add(i, key, {k: v[j] for k, v in per_image.items()}, seconds,
                          encode_png(maps[j]) if maps is not None else None, metric_error=failed or None,
                          target=target, target_class=target_class[j])

@@ -15,7 +15,8 @@ from PIL import Image
 from opticam_core import explain
 from opticam_core.metrics import compute, preprocess
 from pipeline import evaluate
-from pipeline.evaluate import Evaluator, decode_image
+from pipeline.evaluate import Evaluator
+from pipeline.images import decode_image
 from pipeline.schema import RESULTS, SAMPLES
 from tests._samples import (
     TOY_METHODS,

@@ -23,8 +23,9 @@ from opticam_core.metrics import compute, preprocess
 from pipeline import evaluate
 from pipeline.cli import main as cli_main
 from pipeline.config import ConfigError, load_config
-from pipeline.evaluate import Evaluator, decode_image
+from pipeline.evaluate import Evaluator
 from pipeline.fingerprint import changes, fingerprints
+from pipeline.images import decode_image
 from pipeline.job import balanced_subset, existing_rows, select_samples
 from pipeline.schema import RESULTS, SAMPLES
 from tests._samples import TOY_MODEL, photo_rows, toy_config, write_samples
