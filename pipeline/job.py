@@ -431,7 +431,7 @@ def describe_cost(config: RunConfig, throughput=None) -> str:
 
     from . import throughput as tp
 
-    precision = getattr(config.compute, "precision", None) or "fp32"
+    precision = config.compute.precision
     total, unknown = 0.0, []
     out = []
     for dataset, model, methods in config.plans():
@@ -590,7 +590,7 @@ def main(args: argparse.Namespace) -> int:
             from .throughput import ThroughputError, find
 
             try:
-                table = find(getattr(args, "throughput", None))
+                table = find(args.throughput)
             except ThroughputError as err:
                 print(err, file=sys.stderr)
                 return 2

@@ -111,11 +111,6 @@ def seconds_per_equivalent(table: Throughput | None, model: str, precision: str,
     return assumed_seconds(gflops, precision), why + assumption(precision)
 
 
-def hours(equivalents: float, images: int, seconds: float) -> float:
-    """GPU-hours of `equivalents` forward-equivalents per image over `images` images."""
-    return equivalents * images * seconds / 3600
-
-
 def goal_line(total_hours: float) -> str:
     """Against issue 14's nightly goal (1 h on 8 GPUs), assuming the plans spread over the GPUs."""
     budget = GOAL_HOURS * GOAL_GPUS
@@ -128,5 +123,5 @@ def goal_line(total_hours: float) -> str:
 
 
 __all__ = ["ASSUMED_UTILISATION", "DEFAULT_PATH", "GOAL_GPUS", "GOAL_HOURS", "H100_PEAK_TFLOPS", "Throughput",
-           "ThroughputError", "assumed_seconds", "assumption", "find", "goal_line", "hours", "load",
+           "ThroughputError", "assumed_seconds", "assumption", "find", "goal_line", "load",
            "seconds_per_equivalent"]
