@@ -21,6 +21,20 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timeit(fn: Callable[[], object], device, repeat: int = 3, warmup: int = 1) -> float:
+    """Median seconds of `repeat` calls of `fn` after `warmup` untimed ones (which also compile)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def interleaved(contenders: dict[str, Callable[[], object]], repeats: int, *, per: float = 1, rotate: bool = False,
                 device=None, after_repeat: Callable | None = None) -> tuple[dict, dict]:
     """The contenders run in turn, `repeats` times, so that another process's load falls on all

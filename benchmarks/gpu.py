@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.methods import sync, timeit
+from benchmarks._stats import sync, timeit
 from opticam_core import explain, load_model
 from opticam_core.cost import model_info
 from opticam_core.methods import REGISTRY
@@ -73,11 +73,6 @@ JOB_RESERVE = 120.0
 
 def explain_keywords() -> set[str]:
     return set(inspect.signature(explain).parameters)
-
-
-def timed(fn, device, repeat: int) -> float:
-    """Median seconds of `repeat` calls after one warm-up (which also compiles)."""
-    return timeit(fn, device, repeat=repeat, warmup=1)
 
 
 def photos(n: int, size: tuple[int, int], device) -> torch.Tensor:
@@ -129,8 +124,8 @@ def measure_passes(bundle, x, t, name: str, repeat: int) -> Passes:
         torch.autograd.grad(y, xi)
 
     with precision_context(name, bundle.model):
-        f = timed(forward, x.device, repeat) / n
-        fb = timed(forward_backward, x.device, repeat) / n
+        f = timeit(forward, x.device, repeat) / n
+        fb = timeit(forward_backward, x.device, repeat) / n
     return Passes(f, fb)
 
 
@@ -176,8 +171,8 @@ def run_methods(bundle, info, x, t, options: dict, passes: dict[str, Passes], pr
             if compiled:
                 kw["compile"] = True
             try:
-                seconds = timed(lambda: explain(bundle, x[:n], t[:n], key, **kw, **opts), x.device,
-                                repeat if floor < 1 else 1)
+                seconds = timeit(lambda: explain(bundle, x[:n], t[:n], key, **kw, **opts), x.device,
+                                 repeat if floor < 1 else 1)
             except Exception as err:  # noqa: BLE001  (one method's failure must not cost the others' figures)
                 printer(f"    {key:<12} failed: {type(err).__name__}: {str(err)[:200]}")
                 results.setdefault(prec, {}).setdefault(mode, {})[key] = {"error": f"{type(err).__name__}: {err}"}

@@ -21,27 +21,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import statistics
-import time
 
 import torch
 
-from benchmarks._stats import sync
+from benchmarks._stats import timeit
 from opticam_core import explain, load_model
 from opticam_core.methods import GRADIENT_METHODS
-
-
-def timeit(fn, device, repeat=3, warmup=1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def forward_backward(bundle, x, t):

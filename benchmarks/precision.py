@@ -41,6 +41,7 @@ from PIL import Image
 
 from opticam_core import explain, load_model
 from opticam_core.metrics import aggregate, compute, preprocess
+from pipeline.report.aggregates import counts_from_indices, resample_indices
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 METHODS = {"fakecam": {}, "gradcam": {}, "gradcampp": {}, "xgradcam": {}, "layercam": {}, "ablationcam": {},
@@ -146,11 +147,6 @@ def run(bundle, x, y, method, options, name, batch):
     return torch.cat(maps), {k: np.concatenate([v[k] for v in values]) for k in values[0]}, seconds
 
 
-def bootstrap_weights(n: int, resamples: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)]).astype(np.float64)
-
-
 def compare(ref_values, values, weights):
     """Per number: (Δ, Δ's 95% interval, the fp32 interval's half-width scaled to 1,000 images)."""
     n = len(ref_values["p"])
@@ -214,7 +210,7 @@ def main(argv=None) -> None:
     x, y = photos(args.photos, Path(args.folder))
     x, y = x.to(device), y.to(device)
     names = args.precisions.split(",")
-    weights = bootstrap_weights(len(x), args.resamples)
+    weights = counts_from_indices(resample_indices(len(x), args.resamples, np.random.default_rng(0)), len(x))
     print(f"EfficientNet-Lite0, {len(x)} ImageNet sample photos, batch {args.batch}, {device}, "
           f"{args.threads} thread(s), torch {torch.__version__}; Δ = {names[1:]} − {names[0]} in points "
           f"(×100), paired bootstrap 95% interval ({args.resamples} resamples); ±h1000 = half-width of "
